@@ -1,0 +1,1 @@
+"""CRNN on Fashion-MNIST: the library behind the DVC stages."""

@@ -1,0 +1,282 @@
+"""Typed, frozen parameters: one dataclass per section of ``params.yaml``.
+
+Loading validates everything up front so that a typo or an impossible value fails before any
+work starts, with a message that names the key, the value and what was expected.
+No torch here: every stage (and the tests) can load parameters cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A parameter is unknown, missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the raw Fashion-MNIST files come from (see ``fmnist_crnn.data``)."""
+
+    # A folder holding the four files (.gz or decompressed). FASHION_MNIST_DIR overrides it.
+    source_dir: str | None = None
+    # Tried after the user's folder and the Debian/Ubuntu package folder.
+    mirror: str = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _check(self.timeout_s > 0, "data.timeout_s", self.timeout_s, "a number > 0")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    """The train/validation split of the 60,000 training images."""
+
+    val_fraction: float = 0.3
+    stratify: bool = False
+    seed: int = 42
+    # Use only the first N images of the training file and of the test file (quick runs).
+    limit: int | None = None
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, "split.val_fraction", self.val_fraction,
+               "a fraction in (0, 1)")
+        _check(self.limit is None or self.limit >= 20, "split.limit", self.limit,
+               "null or an integer >= 20")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The CRNN: conv blocks -> reshape + LSTM -> linear head. One list entry per conv block."""
+
+    channels: tuple[int, ...] = (32, 64, 128)
+    kernel_sizes: tuple[int, ...] = (3, 3, 2)
+    strides: tuple[int, ...] = (2, 1, 1)
+    # "auto" means kernel_size // 2 for every block; otherwise one integer per block.
+    padding: Literal["auto"] | tuple[int, ...] = "auto"
+    pool: tuple[bool, ...] = (True, True, True)
+    dropout: tuple[float, ...] = (0.25, 0.25, 0.25)
+    embedding_dim: int = 64
+    hidden_dim: int = 128
+    num_layers: int = 3
+    head_dims: tuple[int, ...] = (128, 64)
+    # The study's Dropout before the last linear layer was commented out: 0 keeps it off.
+    head_dropout: float = 0.0
+    # Properties of the data, not tuning knobs; kept here so a checkpoint can rebuild the model.
+    in_channels: int = 1
+    image_size: int = 28
+    num_classes: int = 10
+    # Per-pixel normalisation of inputs scaled to [0, 1] (Fashion-MNIST's mean and std).
+    input_mean: float = 0.2860
+    input_std: float = 0.3530
+
+    def __post_init__(self) -> None:
+        n = len(self.channels)
+        _check(n >= 1, "model.channels", list(self.channels), "at least one conv block")
+        for key in ("kernel_sizes", "strides", "pool", "dropout"):
+            value = getattr(self, key)
+            _check(len(value) == n, f"model.{key}", list(value),
+                   f"one entry per conv block ({n}, like model.channels)")
+        if self.padding != "auto":
+            _check(len(self.padding) == n, "model.padding", list(self.padding),
+                   f'"auto" or one integer per conv block ({n})')
+            _check(all(p >= 0 for p in self.padding), "model.padding", list(self.padding),
+                   "integers >= 0")
+        for key in ("channels", "kernel_sizes", "strides", "head_dims"):
+            value = getattr(self, key)
+            _check(all(v >= 1 for v in value), f"model.{key}", list(value), "integers >= 1")
+        for key in ("embedding_dim", "hidden_dim", "num_layers", "in_channels", "image_size",
+                    "num_classes"):
+            _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        _check(all(0 <= p < 1 for p in self.dropout), "model.dropout", list(self.dropout),
+               "probabilities in [0, 1)")
+        _check(0 <= self.head_dropout < 1, "model.head_dropout", self.head_dropout,
+               "a probability in [0, 1)")
+        _check(self.input_std > 0, "model.input_std", self.input_std, "a number > 0")
+
+    @property
+    def paddings(self) -> tuple[int, ...]:
+        if self.padding == "auto":
+            return tuple(k // 2 for k in self.kernel_sizes)
+        return tuple(self.padding)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 42
+    epochs: int = 20
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    # "auto" picks CUDA when present, else CPU.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Torch intra-op threads; 0 leaves torch's default (one per core).
+    num_threads: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    experiment_name: str = "fashion-mnist-crnn"
+    log_model: bool = True
+
+    def __post_init__(self) -> None:
+        _check(bool(self.experiment_name.strip()), "tracking.experiment_name",
+               self.experiment_name, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "split": SplitConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "tracking": TrackingConfig,
+}
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate ``params.yaml``; every section must be present."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: parameters file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    try:
+        return params_from_dict(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def params_from_dict(raw: Any) -> Params:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"expected a mapping of sections {sorted(SECTIONS)}, got {raw!r}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; known sections: {sorted(SECTIONS)}")
+    missing = sorted(set(SECTIONS) - set(raw))
+    if missing:
+        raise ConfigError(f"missing section(s) {missing}")
+    return Params(**{name: section_from_dict(name, raw[name]) for name in SECTIONS})
+
+
+def section_from_dict(name: str, raw: Any) -> Any:
+    cls = SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"section '{name}' must be a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"unknown key '{name}.{key}'; known keys: {sorted(known)}")
+    raw = dict(raw)
+    if cls is ModelConfig:
+        # Per-block pool/dropout may be one scalar that applies to every block.
+        channels = raw.get("channels", ModelConfig.channels)
+        n = len(channels) if isinstance(channels, (list, tuple)) else 1
+        for key in ("pool", "dropout"):
+            if key in raw and not isinstance(raw[key], list):
+                raw[key] = [raw[key]] * n
+    values = {key: _coerce(f"{name}.{key}", value, hints[key]) for key, value in raw.items()}
+    return cls(**values)
+
+
+def to_flat_dict(params: Params) -> dict[str, Any]:
+    """Dotted keys as in params.yaml (``model.hidden_dim``), the names MLflow and DVC show."""
+    flat: dict[str, Any] = {}
+    for section, value in dataclasses.asdict(params).items():
+        for key, item in value.items():
+            flat[f"{section}.{key}"] = list(item) if isinstance(item, tuple) else item
+    return flat
+
+
+def to_dict(params: Params) -> dict[str, dict[str, Any]]:
+    return {section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+            for section, values in dataclasses.asdict(params).items()}
+
+
+def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:
+    return section_from_dict("model", raw)
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"invalid value for '{key}': {value!r}; expected {expected}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a type hint, turning YAML lists into tuples."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(key, value, option)
+            except ConfigError:
+                pass
+        raise ConfigError(f"invalid value for '{key}': {value!r}; expected {_describe(hint)}")
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"invalid value for '{key}': {value!r}; expected one of {list(args)}")
+    if origin is tuple:
+        item = args[0]
+        if isinstance(value, list):
+            return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
+        raise ConfigError(f"invalid value for '{key}': {value!r}; expected a list of {item.__name__}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"invalid value for '{key}': {value!r}; expected {_describe(hint)}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(hint))
+    if origin is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if hint is type(None):
+        return "null"
+    return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(
+        hint, str(hint))

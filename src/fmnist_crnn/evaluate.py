@@ -1,0 +1,134 @@
+"""Predictions, scikit-learn metrics and the confusion matrix."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import (
+    accuracy_score,
+    confusion_matrix,
+    f1_score,
+    precision_recall_fscore_support,
+)
+from torch.nn import functional as F  # noqa: N812
+from tqdm import tqdm
+
+from fmnist_crnn import data, tracking
+from fmnist_crnn.config import model_config_from_dict
+from fmnist_crnn.files import atomic_write_json, atomic_write_text
+from fmnist_crnn.model import CRNN, select_device
+
+
+class CheckpointError(RuntimeError):
+    """A model file cannot be read or does not match the code's architecture."""
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                   device: torch.device, desc: str | None = None) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, 28, 28), in order."""
+    model.eval()
+    chunks = []
+    stream = data.batches(images, torch.zeros(len(images), dtype=torch.long), batch_size)
+    if desc is not None:
+        stream = tqdm(stream, desc=desc, total=data.num_batches(len(images), batch_size),
+                      unit="batch", dynamic_ncols=True)
+    for x, _ in stream:
+        chunks.append(model(x.to(device, non_blocking=True)).float().cpu())
+    return torch.cat(chunks) if chunks else torch.empty(0, model.cfg.num_classes)
+
+
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
+    """Accuracy, mean cross-entropy, macro-F1 and per-class precision/recall/F1."""
+    y_true = labels.numpy()
+    y_pred = logits.argmax(dim=1).numpy()
+    classes = list(range(len(data.CLASS_NAMES)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        y_true, y_pred, labels=classes, zero_division=0)
+    per_class = {
+        name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        for name, p, r, f, s in zip(data.CLASS_NAMES, precision, recall, f1, support,
+                                    strict=True)
+    }
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "loss": float(F.cross_entropy(logits, labels).item()),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro",
+                                   zero_division=0)),
+        "per_class": per_class,
+    }
+
+
+def confusion(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    return confusion_matrix(labels.numpy(), logits.argmax(dim=1).numpy(),
+                            labels=list(range(len(data.CLASS_NAMES))))
+
+
+def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> CRNN:
+    """Rebuild the model from a checkpoint holding its config and weights (no pickle)."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: model file not found; run the train stage") from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: not a readable model checkpoint ({exc})") from None
+    if not isinstance(blob, dict) or not {"model_config", "state_dict"} <= set(blob):
+        raise CheckpointError(f"{path}: expected keys 'model_config' and 'state_dict'")
+    model = CRNN(model_config_from_dict(blob["model_config"]))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the architecture in its own "
+                              f"model_config: {exc}") from None
+    return model.to(device)
+
+
+def run_evaluation(
+    model_path: Path,
+    split_dir: Path,
+    run_path: Path,
+    metrics_path: Path,
+    predictions_path: Path,
+    confusion_path: Path,
+    batch_size: int,
+    experiment_name: str,
+    device_name: str = "auto",
+) -> dict[str, Any]:
+    """The evaluate stage: the test set, once; metrics to files and to the training's run."""
+    device = select_device(device_name)
+    model = load_checkpoint(model_path, device)
+    images, labels = data.load_split(split_dir, "test")
+    logits = predict_logits(model, images, batch_size, device, desc="Inference")
+    metrics = classification_metrics(logits, labels)
+    print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
+    cm = confusion(logits, labels)
+
+    run_id = json.loads(Path(run_path).read_text())["run_id"]
+    with tracking.start_run(experiment_name, run_id=run_id):
+        tracking.log_metrics({f"test_{k}": v for k, v in metrics.items() if k != "per_class"})
+        tracking.log_metrics({
+            f"test_{metric}_{_slug(name)}": values[metric]
+            for name, values in metrics["per_class"].items()
+            for metric in ("precision", "recall", "f1")
+        })
+        tracking.log_dataset("fashion-mnist-test", data.split_digest(split_dir, ("test",)),
+                             str(Path(split_dir) / "test.pt"), "test")
+        tracking.log_confusion_matrix(cm, list(data.CLASS_NAMES), "test")
+
+    predicted = logits.argmax(1).tolist()
+    rows = ["actual,predicted"] + [f"{data.CLASS_NAMES[a]},{data.CLASS_NAMES[p]}"
+                                   for a, p in zip(labels.tolist(), predicted, strict=True)]
+    atomic_write_text(predictions_path, "\n".join(rows) + "\n")
+    atomic_write_json(confusion_path, {"classes": list(data.CLASS_NAMES),
+                                       "matrix": cm.tolist()})
+    atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")

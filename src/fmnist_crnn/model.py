@@ -1,0 +1,140 @@
+"""The study's CRNN: convolution blocks -> reshape + LSTM -> linear head.
+
+Every size comes from :class:`ModelConfig` or is computed from it; a configuration that cannot
+build fails in :func:`plan` with the parameters and sizes that do not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fmnist_crnn.config import ConfigError, ModelConfig
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes derived from a configuration: per-block (C, H, W) and the sequence shape."""
+
+    block_shapes: tuple[tuple[int, int, int], ...]
+    seq_len: int
+    head_in: int
+
+
+def plan(cfg: ModelConfig) -> Plan:
+    """Work out every size, or raise ConfigError naming the parameters that do not fit."""
+    h = w = cfg.image_size
+    shapes = []
+    for i, (c, k, s, p, pool) in enumerate(
+        zip(cfg.channels, cfg.kernel_sizes, cfg.strides, cfg.paddings, cfg.pool, strict=True)
+    ):
+        conv_h = (h + 2 * p - k) // s + 1
+        if conv_h < 1:
+            raise ConfigError(
+                f"conv block {i + 1} has no pixels left: input {h}x{w}, model.kernel_sizes[{i}]="
+                f"{k}, padding {p}, model.strides[{i}]={s} give {conv_h}x{conv_h}. Use a smaller "
+                "kernel or stride, more padding, or fewer blocks."
+            )
+        h = w = conv_h // 2 if pool else conv_h
+        if h < 1:
+            raise ConfigError(
+                f"conv block {i + 1} has no pixels left after pooling: conv output "
+                f"{conv_h}x{conv_h}, model.pool[{i}]=true halves it to {h}x{w}. Turn off pooling "
+                "in this block or keep more resolution earlier."
+            )
+        shapes.append((c, h, w))
+    flat = shapes[-1][0] * shapes[-1][1] * shapes[-1][2]
+    if flat % cfg.embedding_dim:
+        c, h, w = shapes[-1]
+        raise ConfigError(
+            f"the last conv block outputs C*H*W = {c}*{h}*{w} = {flat} features, which "
+            f"model.embedding_dim={cfg.embedding_dim} does not divide; choose an embedding_dim "
+            f"that divides {flat}."
+        )
+    seq_len = flat // cfg.embedding_dim
+    return Plan(tuple(shapes), seq_len, seq_len * cfg.hidden_dim)
+
+
+class CRNN(nn.Module):
+    """Input: float images (B, in_channels, H, W) scaled to [0, 1]. Output: logits (B, classes)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.plan = plan(cfg)
+        self.register_buffer("mean", torch.tensor(cfg.input_mean))
+        self.register_buffer("std", torch.tensor(cfg.input_std))
+
+        blocks = []
+        in_ch = cfg.in_channels
+        for c, k, s, p, pool, drop in zip(cfg.channels, cfg.kernel_sizes, cfg.strides,
+                                          cfg.paddings, cfg.pool, cfg.dropout, strict=True):
+            layers: list[nn.Module] = [
+                nn.Conv2d(in_ch, c, kernel_size=k, stride=s, padding=p),
+                nn.BatchNorm2d(c),
+                nn.ReLU(inplace=True),
+                nn.Dropout(drop),
+            ]
+            if pool:
+                layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            blocks.append(nn.Sequential(*layers))
+            in_ch = c
+        self.blocks = nn.ModuleList(blocks)
+        self.lstm = nn.LSTM(cfg.embedding_dim, cfg.hidden_dim, num_layers=cfg.num_layers,
+                            batch_first=True)
+        head: list[nn.Module] = [nn.Flatten()]
+        width = self.plan.head_in
+        for i, dim in enumerate(cfg.head_dims):
+            head += [nn.Linear(width, dim), nn.ReLU(inplace=True)]
+            if i == len(cfg.head_dims) - 1 and cfg.head_dropout > 0:
+                head.append(nn.Dropout(cfg.head_dropout))
+            width = dim
+        head.append(nn.Linear(width, cfg.num_classes))
+        self.head = nn.Sequential(*head)
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Normalise, then the conv blocks; returns each block's output (B, C_i, H_i, W_i)."""
+        x = (x - self.mean) / self.std
+        outputs = []
+        for block in self.blocks:
+            x = block(x)
+            outputs.append(x)
+        return outputs
+
+    def sequence(self, fmap: torch.Tensor) -> torch.Tensor:
+        # (B, C, H, W) -> (B, T, E) with T = C*H*W / E: the study's flatten-and-chunk reshape.
+        seq = fmap.reshape(fmap.shape[0], self.plan.seq_len, self.cfg.embedding_dim)
+        out, _ = self.lstm(seq)  # (B, T, E) -> (B, T, hidden)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.sequence(self.features(x)[-1]))  # (B, T, hidden) -> (B, classes)
+
+
+def shape_table(cfg: ModelConfig, batch_size: int = 64) -> list[tuple[str, list[int]]]:
+    """Each stage's output shape, computed by running the model on zeros."""
+    model = CRNN(cfg).eval()
+    x = torch.zeros(batch_size, cfg.in_channels, cfg.image_size, cfg.image_size)
+    rows = [("input", list(x.shape))]
+    with torch.no_grad():
+        fmaps = model.features(x)
+        rows += [(f"block{i + 1}", list(f.shape)) for i, f in enumerate(fmaps)]
+        seq = model.sequence(fmaps[-1])
+        rows.append(("lstm", list(seq.shape)))
+        rows.append(("head", list(model.head(seq).shape)))
+    return rows
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; "
+                          "use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -1,0 +1,63 @@
+"""Matplotlib figures only: no MLflow, no DVC, no files read here."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: stages run without a display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from fmnist_crnn.files import atomic_write_bytes  # noqa: E402
+
+
+def learning_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
+    """Train/validation loss and accuracy per epoch, side by side."""
+    epochs = [int(row["epoch"]) for row in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
+    for split, style in (("train", "-o"), ("val", "-s")):
+        ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split,
+                     markersize=3)
+        ax_acc.plot(epochs, [100 * row[f"{split}_acc"] for row in history], style, label=split,
+                    markersize=3)
+    ax_loss.set(title="Loss", xlabel="epoch", ylabel="cross-entropy")
+    ax_acc.set(title="Accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return fig
+
+
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str = "Confusion matrix",
+                     normalize: bool = False) -> Figure:
+    """Heatmap, actual classes as rows and predicted as columns, counts in the cells."""
+    cm = np.asarray(cm)
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    fig, ax = plt.subplots(figsize=(8, 7), constrained_layout=True)
+    image = ax.imshow(shown, cmap="Blues")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    ticks = np.arange(len(class_names))
+    ax.set_xticks(ticks, labels=class_names, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=class_names)
+    ax.set(xlabel="predicted", ylabel="actual", title=title)
+    threshold = shown.max() / 2 if shown.size else 0
+    for i in range(shown.shape[0]):
+        for j in range(shown.shape[1]):
+            text = f"{shown[i, j]:.2f}" if normalize else str(int(cm[i, j]))
+            ax.text(j, i, text, ha="center", va="center", fontsize=7,
+                    color="white" if shown[i, j] > threshold else "black")
+    return fig
+
+
+def save(fig: Figure, path: str | Path) -> None:
+    """Write the figure as PNG atomically and close it."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())

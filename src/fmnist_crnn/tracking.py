@@ -1,0 +1,218 @@
+"""The one place that talks to MLflow.
+
+The default store is SQLite in the repository root, addressed by an absolute URI. DVC runs
+queued experiments in temporary copies of the repository and sets ``DVC_ROOT`` to the parent
+repository, so their runs land in the same store as runs made in the workspace.
+``MLFLOW_TRACKING_URI`` overrides the default, so a tracking server works unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or does not hold the expected run."""
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The repository the run belongs to: DVC_ROOT when DVC set it, else the nearest parent
+    holding ``.dvc`` or ``.git``, else the working directory."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = (start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / ".dvc").is_dir() or (folder / ".git").exists():
+            return folder
+    return here
+
+
+def default_tracking_uri(root: Path | None = None) -> str:
+    return f"sqlite:///{(root or repo_root()) / STORE_FILE}"
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+
+
+def configure(experiment_name: str) -> str:
+    """Point MLflow at the store and return the experiment id, creating the experiment.
+
+    For the default local store, artifacts go to ``<repo>/mlartifacts`` by absolute path:
+    MLflow would otherwise resolve ``./mlruns`` against the current directory, which for a
+    queued DVC experiment is a temporary copy that is deleted afterwards.
+    """
+    import mlflow
+
+    user_uri = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(user_uri or default_tracking_uri())  # also sets the env variable
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if not user_uri:
+        artifact_location = (repo_root() / ARTIFACTS_DIR / experiment_name).as_uri()
+    try:
+        return mlflow.create_experiment(experiment_name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:
+        # Another process (a parallel queued experiment) created it first.
+        return mlflow.get_experiment_by_name(experiment_name).experiment_id
+
+
+def run_exists(run_id: str) -> bool:
+    import mlflow
+
+    try:
+        mlflow.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return False
+    return True
+
+
+def git_state(root: Path) -> dict[str, str]:
+    """Commit and dirtiness of ``root``; empty when it is not a git repository."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {}
+    return {"mlflow.source.git.commit": commit, "git_dirty": str(bool(status.strip())).lower()}
+
+
+def run_tags(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    # The stage runs in the experiment's own copy of the repository (cwd); its git state is
+    # the one that produced the numbers, so read it there rather than at DVC_ROOT.
+    tags = git_state(Path.cwd())
+    exp_name = os.environ.get("DVC_EXP_NAME")
+    if exp_name:
+        tags["dvc_exp_name"] = exp_name
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+    tags.update(extra or {})
+    return tags
+
+
+@contextlib.contextmanager
+def start_run(experiment_name: str, run_id: str | None = None,
+              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
+    """Start (or continue, given ``run_id``) a run; end it FAILED or KILLED on errors.
+
+    When launched by ``mlflow run``, MLFLOW_RUN_ID names the run to log into.
+    """
+    import mlflow
+
+    experiment_id = configure(experiment_name)
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    if run_id is not None and not run_exists(run_id):
+        raise TrackingError(f"MLflow run {run_id} does not exist in {mlflow.get_tracking_uri()}; "
+                            "was the store deleted or MLFLOW_TRACKING_URI changed? Run "
+                            "`dvc repro -f train` to start a new run.")
+    tags = dict(run_tags() if run_id is None else {}, **(tags or {}))
+    run_name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
+    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
+                           run_name=run_name, tags=tags or None)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run(status="KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    mlflow.end_run()
+
+
+def log_params(flat: Mapping[str, Any]) -> None:
+    import mlflow
+
+    mlflow.log_params({key: _param_value(value) for key, value in flat.items()})
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    import mlflow
+
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+
+def log_environment(info: Mapping[str, Any]) -> None:
+    import mlflow
+
+    mlflow.set_tags({f"env.{k}": str(v) for k, v in info.items()})
+
+
+def log_dataset(name: str, digest: str, source: str, context: str) -> None:
+    """Record the data a run saw as an MLflow dataset input, identified by its digest."""
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context=context)
+
+
+def log_confusion_matrix(cm: np.ndarray, class_names: list[str], prefix: str) -> None:
+    """The confusion matrix as a figure and as a table (actual x predicted counts)."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from fmnist_crnn.plots import confusion_figure
+
+    fig = confusion_figure(cm, class_names, title=f"{prefix} confusion matrix")
+    mlflow.log_figure(fig, f"{prefix}/confusion_matrix.png")
+    plt.close(fig)
+    table = {"actual": [], "predicted": [], "count": []}
+    for i, actual in enumerate(class_names):
+        for j, predicted in enumerate(class_names):
+            table["actual"].append(actual)
+            table["predicted"].append(predicted)
+            table["count"].append(int(cm[i, j]))
+    mlflow.log_table(table, f"{prefix}/confusion_matrix.json")
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    import mlflow
+
+    mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_model(model: Any, example: np.ndarray, name: str = "model") -> str:
+    """Log the PyTorch model with its signature and an input example; return its URI."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    package_dir = Path(__file__).resolve().parent
+    info = mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=infer_signature(example, output),
+        input_example=example,
+        # Listing requirements skips MLflow's slow import-tracing inference.
+        pip_requirements=[f"{pkg}=={metadata.version(pkg)}"
+                          for pkg in ("torch", "torchvision", "mlflow", "numpy")],
+        # The pickled model refers to fmnist_crnn.model.CRNN: ship the package with it.
+        code_paths=[str(package_dir)],
+    )
+    return info.model_uri
+
+
+def _param_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(str(v) for v in value) + "]"
+    return str(value)

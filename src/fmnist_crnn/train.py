@@ -1,0 +1,310 @@
+"""Training: the loop, the optimizer, per-epoch checkpoints for resuming, best weights."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+from tqdm import tqdm
+
+from fmnist_crnn import data, tracking
+from fmnist_crnn.config import ModelConfig, Params, TrainConfig, to_dict, to_flat_dict
+from fmnist_crnn.evaluate import classification_metrics, confusion, predict_logits
+from fmnist_crnn.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
+from fmnist_crnn.model import CRNN, count_parameters, select_device
+
+Dataset = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 28, 28), int64 labels (N,)
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                  "epoch_seconds")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (for example the loss is no longer finite)."""
+
+
+@dataclass
+class FitResult:
+    model: CRNN  # holding the best-validation weights
+    history: list[dict[str, float]]
+    best_epoch: int
+    best_val_acc: float
+    resumed_from_epoch: int = 0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch, and ask torch for deterministic kernels.
+
+    On CPU this makes runs bit-identical. On CUDA some kernels (the LSTM's among them) have no
+    deterministic variant; torch then warns instead of failing (warn_only).
+    """
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
+                           weight_decay=cfg.weight_decay)
+
+
+def fingerprint(params: Params, data_digest: str) -> str:
+    """Identifies what a checkpoint was trained on and with, so only a matching run resumes."""
+    relevant = {k: v for k, v in to_dict(params).items() if k in ("split", "model", "train")}
+    payload = json.dumps({"params": relevant, "data": data_digest}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def load_resume_state(path: Path | None, expected_fingerprint: str) -> dict[str, Any] | None:
+    """The last checkpoint when it belongs to this exact configuration, else None."""
+    if path is None or not Path(path).exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a checkpoint we cannot read is no reason to stop: start over
+        return None
+    if not isinstance(state, dict) or state.get("fingerprint") != expected_fingerprint:
+        return None
+    if state.get("epoch", 0) >= state.get("epochs", float("inf")):
+        return None  # a finished run: a new `dvc repro` of this stage trains afresh
+    if state.get("run_id") and not tracking.run_exists(state["run_id"]):
+        print(f"warning: {path} names MLflow run {state['run_id']}, which is not in the "
+              "tracking store; training starts over in a new run")
+        return None
+    return state
+
+
+def fit(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    train_data: Dataset,
+    val_data: Dataset,
+    *,
+    checkpoint_path: Path | None = None,
+    resume: dict[str, Any] | None = None,
+    fingerprint: str = "",
+    run_id: str | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Train for ``cfg.epochs`` epochs, keeping the best-validation weights.
+
+    After every epoch the full state (weights, optimizer, RNG states, history, the MLflow run
+    id) is written atomically to ``checkpoint_path``; ``resume`` continues from such a state
+    and ends with the same numbers as an uninterrupted run.
+    """
+    seed_everything(cfg.seed)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = select_device(cfg.device)
+    model = CRNN(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    history: list[dict[str, float]] = []
+    best_state = copy.deepcopy(model.state_dict())
+    best_val_acc, best_epoch, start_epoch = -1.0, 0, 0
+
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        generator.set_state(resume["generator"])
+        torch.set_rng_state(resume["torch_rng"])
+        if device.type == "cuda" and resume.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
+        history = list(resume["history"])
+        best_state = resume["best_state"]
+        best_val_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
+        start_epoch = resume["epoch"]
+
+    train_x, train_y = train_data
+    val_x, val_y = val_data
+    steps = data.num_batches(len(train_y), cfg.batch_size)
+    epochs = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="Epochs", unit="epoch",
+                  initial=start_epoch, total=cfg.epochs, disable=not progress,
+                  dynamic_ncols=True)
+    for epoch in epochs:
+        started = time.perf_counter()
+        model.train()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(data.batches(train_x, train_y, cfg.batch_size, generator), total=steps,
+                   desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not progress, dynamic_ncols=True, mininterval=1.0)
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"loss became {loss.item()} at epoch {epoch}, batch {step + 1}; training "
+                    f"stopped. The last good state (epoch {epoch - 1}) is kept in "
+                    f"{checkpoint_path}. Lower train.lr (now {cfg.lr}) and run again."
+                )
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
+
+        val_logits = predict_logits(model, val_x, cfg.batch_size, device)
+        val_loss = F.cross_entropy(val_logits, val_y).item()
+        val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
+        record = {
+            "epoch": epoch,
+            "train_loss": loss_sum / seen,
+            "train_acc": correct / seen,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_seconds": time.perf_counter() - started,
+        }
+        history.append(record)
+        if val_acc > best_val_acc:
+            best_val_acc, best_epoch = val_acc, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
+                           val_acc=f"{val_acc:.2%}")
+        # Log before checkpointing: a crash in between repeats this epoch (same numbers, same
+        # step) instead of losing its metrics.
+        if on_epoch is not None:
+            on_epoch(record)
+        if checkpoint_path is not None:
+            atomic_torch_save({
+                "fingerprint": fingerprint,
+                "epoch": epoch,
+                "epochs": cfg.epochs,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
+                "history": history,
+                "best_state": best_state,
+                "best_val_acc": best_val_acc,
+                "best_epoch": best_epoch,
+                "run_id": run_id,
+            }, checkpoint_path)
+
+    model.load_state_dict(best_state)
+    return FitResult(model, history, best_epoch, best_val_acc, start_epoch, str(device))
+
+
+def environment_info(device: str) -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "none",
+        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else "none",
+        "device": device,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+
+
+def run_training(
+    params: Params,
+    split_dir: Path,
+    model_path: Path,
+    checkpoint_path: Path,
+    metrics_path: Path,
+    history_path: Path,
+    run_path: Path,
+) -> FitResult:
+    """The train stage: fit, track in MLflow, and write the stage's outputs."""
+    train_data = data.load_split(split_dir, "train")
+    val_data = data.load_split(split_dir, "val")
+    digests = {name: data.split_digest(split_dir, (name,)) for name in ("train", "val")}
+    fp = fingerprint(params, digests["train"] + digests["val"])
+    CRNN(params.model)  # an architecture that cannot build fails here, before any tracking
+    tracking.configure(params.tracking.experiment_name)
+    resume = load_resume_state(checkpoint_path, fp)
+
+    with tracking.start_run(params.tracking.experiment_name,
+                            run_id=resume["run_id"] if resume else None) as run:
+        if resume is None:
+            tracking.log_params(to_flat_dict(params))
+            for name, context in (("train", "training"), ("val", "validation")):
+                tracking.log_dataset(f"fashion-mnist-{name}", digests[name],
+                                     str(split_dir / f"{name}.pt"), context)
+        else:
+            print(f"Resuming from epoch {resume['epoch']} of {params.train.epochs} "
+                  f"(MLflow run {run.info.run_id})")
+        started = time.perf_counter()
+        result = fit(
+            params.model, params.train, train_data, val_data,
+            checkpoint_path=checkpoint_path, resume=resume, fingerprint=fp,
+            run_id=run.info.run_id,
+            on_epoch=lambda r: tracking.log_metrics(
+                {k: v for k, v in r.items() if k != "epoch"}, step=int(r["epoch"])),
+        )
+        seconds = time.perf_counter() - started
+        tracking.log_environment(environment_info(result.device))
+
+        val_logits = predict_logits(result.model, val_data[0], params.train.batch_size,
+                                    torch.device(result.device))
+        val_metrics = classification_metrics(val_logits, val_data[1])
+        tracking.log_confusion_matrix(confusion(val_logits, val_data[1]),
+                                      list(data.CLASS_NAMES), "val")
+        summary = {
+            "best_epoch": result.best_epoch,
+            "best_val_acc": result.best_val_acc,
+            "val_loss": val_metrics["loss"],
+            "val_macro_f1": val_metrics["macro_f1"],
+            "epochs": len(result.history),
+            "train_seconds": sum(r["epoch_seconds"] for r in result.history),
+            "params_count": count_parameters(result.model),
+        }
+        tracking.log_metrics({k: v for k, v in summary.items() if k != "epochs"})
+
+        checkpoint = {"model_config": to_dict(params)["model"],
+                      "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()}}
+        atomic_torch_save(checkpoint, model_path)
+        if params.tracking.log_model:
+            example = data.to_float(val_data[0][:4]).numpy()
+            tracking.log_model(result.model, example)
+            result.model.to(result.device)
+
+        atomic_write_json(metrics_path, summary)
+        write_history(history_path, result.history)
+        atomic_write_json(run_path, {"run_id": run.info.run_id,
+                                     "experiment_id": run.info.experiment_id})
+        result.extra = {"seconds": seconds, "summary": summary}
+    return result
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({k: (int(row[k]) if k == "epoch" else f"{row[k]:.6g}")
+                         for k in HISTORY_FIELDS})
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]

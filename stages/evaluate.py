@@ -1,0 +1,28 @@
+"""DVC stage `evaluate`: the test set, once; metrics and confusion matrix."""
+
+from pathlib import Path
+
+from fmnist_crnn import cli, evaluate
+
+# The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
+SECTIONS = ("train", "tracking")
+
+
+def main(args, params) -> None:
+    evaluate.run_evaluation(
+        Path(args.model), Path(args.split), Path(args.run), metrics_path=Path(args.metrics),
+        predictions_path=Path(args.predictions), confusion_path=Path(args.confusion),
+        batch_size=params.train.batch_size,
+        experiment_name=params.tracking.experiment_name, device_name=params.train.device,
+    )
+
+
+if __name__ == "__main__":
+    p = cli.parser(__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--split", required=True, help="folder with test.pt")
+    p.add_argument("--run", required=True, help="the training's MLflow run id (JSON)")
+    p.add_argument("--metrics", required=True, help="output: test metrics (JSON)")
+    p.add_argument("--predictions", required=True, help="output: actual,predicted (CSV)")
+    p.add_argument("--confusion", required=True, help="output: confusion matrix (JSON)")
+    cli.run(main, p, SECTIONS)

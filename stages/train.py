@@ -1,0 +1,28 @@
+"""DVC stage `train`: fit the CRNN, track the run in MLflow, keep the best weights."""
+
+from pathlib import Path
+
+from fmnist_crnn import cli, train
+
+# The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
+SECTIONS = ("data", "split", "model", "train", "tracking")
+
+
+def main(args, params) -> None:
+    result = train.run_training(
+        params, Path(args.split), model_path=Path(args.model),
+        checkpoint_path=Path(args.checkpoint), metrics_path=Path(args.metrics),
+        history_path=Path(args.history), run_path=Path(args.run),
+    )
+    print(f"best validation accuracy {result.best_val_acc:.2%} at epoch {result.best_epoch}")
+
+
+if __name__ == "__main__":
+    p = cli.parser(__doc__)
+    p.add_argument("--split", required=True, help="folder with train.pt and val.pt")
+    p.add_argument("--model", required=True, help="output: best weights + model config")
+    p.add_argument("--checkpoint", required=True, help="per-epoch state for resuming")
+    p.add_argument("--metrics", required=True, help="output: training metrics (JSON)")
+    p.add_argument("--history", required=True, help="output: per-epoch metrics (CSV)")
+    p.add_argument("--run", required=True, help="output: the MLflow run id (JSON)")
+    cli.run(main, p, SECTIONS)
