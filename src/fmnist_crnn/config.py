@@ -249,7 +249,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         item = args[0]
         if isinstance(value, list):
             return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
-        raise ConfigError(f"invalid value for '{key}': {value!r}; expected a list of {item.__name__}")
+        raise ConfigError(f"invalid value for '{key}': {value!r}; expected {_describe(hint)}")
     if hint is type(None):
         if value is None:
             return None

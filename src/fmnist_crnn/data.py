@@ -34,7 +34,6 @@ ENV_DIR = "FASHION_MNIST_DIR"
 class RawFile:
     name: str  # decompressed IDX file name, as written by the download stage
     sha256: str  # of the decompressed content: gzip headers differ between mirrors
-    shape: tuple[int, ...]
 
     @property
     def gz_name(self) -> str:
@@ -43,13 +42,13 @@ class RawFile:
 
 RAW_FILES = (
     RawFile("train-images-idx3-ubyte",
-            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", (60000, 28, 28)),
+            "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
     RawFile("train-labels-idx1-ubyte",
-            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", (60000,)),
+            "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
     RawFile("t10k-images-idx3-ubyte",
-            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", (10000, 28, 28)),
+            "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
     RawFile("t10k-labels-idx1-ubyte",
-            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", (10000,)),
+            "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 )
 SPLITS = ("train", "val", "test")
 
@@ -74,7 +73,8 @@ def candidate_sources(cfg: DataConfig) -> list[str]:
     return sources
 
 
-def fetch_raw(cfg: DataConfig, out_dir: Path, sources: list[str] | None = None) -> dict[str, str]:
+def fetch_raw(cfg: DataConfig, out_dir: Path, sources: list[str] | None = None,
+              files: tuple[RawFile, ...] = RAW_FILES) -> dict[str, str]:
     """Write the four verified, decompressed IDX files into ``out_dir``; return file -> source.
 
     A source that lacks a file is skipped; a source whose file exists but is truncated or
@@ -87,13 +87,13 @@ def fetch_raw(cfg: DataConfig, out_dir: Path, sources: list[str] | None = None) 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     used: dict[str, str] = {}
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
-        for raw in RAW_FILES:
+        for raw in files:
             content, source = _fetch_one(raw, sources, cfg.timeout_s)
             (Path(tmp) / raw.name).write_bytes(content)
             used[raw.name] = source
         staged = Path(tmp) / "out"
         staged.mkdir()
-        for raw in RAW_FILES:
+        for raw in files:
             (Path(tmp) / raw.name).rename(staged / raw.name)
         if out_dir.exists():
             shutil.rmtree(out_dir)

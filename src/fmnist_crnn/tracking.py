@@ -56,8 +56,18 @@ def configure(experiment_name: str) -> str:
     import mlflow
 
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(user_uri or default_tracking_uri())  # also sets the env variable
-    experiment = mlflow.get_experiment_by_name(experiment_name)
+    uri = user_uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry for minutes; a server that does not answer should fail fast.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to child processes
+    try:
+        experiment = mlflow.get_experiment_by_name(experiment_name)
+    except Exception as exc:  # connection errors surface as several exception types
+        raise TrackingError(f"cannot reach the MLflow tracking store at {uri}: "
+                            f"{type(exc).__name__}: {str(exc)[:300]}. Start the server, or unset "
+                            "MLFLOW_TRACKING_URI to use the local store.") from None
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None

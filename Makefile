@@ -1,0 +1,54 @@
+# The README's commands. `make repro` and `make test` each set up a fresh machine first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEBIAN_DATA := /usr/share/datasets/fashion-mnist
+MLFLOW_PORT ?= 5000
+
+.PHONY: setup data-source repro test test-fast lint ui lock clean-tracking
+
+setup: $(STAMP) data-source
+
+$(STAMP): requirements.lock pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+# The download stage tries FASHION_MNIST_DIR, then Debian's package, then the official mirror.
+# Installing the package is best effort: without root or apt, the mirror is used.
+data-source:
+	@if [ -n "$$FASHION_MNIST_DIR" ] || [ -f $(DEBIAN_DATA)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST source: $${FASHION_MNIST_DIR:-$(DEBIAN_DATA)}"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    dataset-fashion-mnist >/dev/null) \
+	  || echo "dataset-fashion-mnist not installed; the download stage will use the mirror"; \
+	else \
+	  echo "No local Fashion-MNIST; the download stage will use the mirror"; \
+	fi
+
+repro: setup
+	$(BIN)/dvc repro
+
+# pytest exits 5 when it collects no test: that is a failure here, not a pass.
+test: setup
+	$(BIN)/python -m pytest; status=$$?; \
+	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check src stages tests
+
+ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 \
+	  --port $(MLFLOW_PORT)
+
+lock: $(STAMP)
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^fmnist-crnn' > requirements.lock.new
+	{ sed -n '1,2p' requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp
+	rm requirements.lock.new && mv requirements.lock.tmp requirements.lock

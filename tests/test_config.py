@@ -1,0 +1,87 @@
+import pytest
+import yaml
+
+from fmnist_crnn.config import (
+    ConfigError,
+    ModelConfig,
+    load_params,
+    params_from_dict,
+    to_flat_dict,
+)
+
+from .conftest import REPO
+
+
+def raw_params():
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_repository_params_are_the_study_baseline():
+    p = load_params(REPO / "params.yaml")
+    assert p.model.channels == (32, 64, 128)
+    assert p.model.kernel_sizes == (3, 3, 2)
+    assert (p.model.embedding_dim, p.model.hidden_dim, p.model.num_layers) == (64, 128, 3)
+    assert p.model.dropout == (0.25, 0.25, 0.25)
+    assert (p.train.lr, p.train.batch_size, p.train.epochs, p.train.optimizer) == (
+        0.001, 64, 20, "adam")
+    assert p.split.val_fraction == 0.3
+
+
+@pytest.mark.parametrize(("section", "key", "value", "fragment"), [
+    ("model", "hiden_dim", 3, "unknown key 'model.hiden_dim'"),
+    ("model", "hidden_dim", "big", "'model.hidden_dim'"),
+    ("model", "hidden_dim", -4, "'model.hidden_dim'"),
+    ("model", "dropout", [0.1, 1.0, 0.1], "'model.dropout'"),
+    ("model", "kernel_sizes", [3, 3], "'model.kernel_sizes'"),
+    ("train", "batch_size", 0, "'train.batch_size'"),
+    ("train", "optimizer", "adagrad", "'train.optimizer'"),
+    ("train", "epochs", 2.5, "'train.epochs'"),
+    ("split", "val_fraction", 1.0, "'split.val_fraction'"),
+    ("split", "stratify", "yes", "'split.stratify'"),
+])
+def test_bad_values_name_the_key(section, key, value, fragment):
+    raw = raw_params()
+    raw[section][key] = value
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("'", "'")):
+        params_from_dict(raw)
+
+
+def test_unknown_and_missing_sections_are_errors():
+    raw = raw_params()
+    raw["extra"] = {}
+    with pytest.raises(ConfigError, match="unknown section"):
+        params_from_dict(raw)
+    raw = raw_params()
+    del raw["model"]
+    with pytest.raises(ConfigError, match="missing section"):
+        params_from_dict(raw)
+
+
+def test_load_params_names_the_file(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match=str(path)):
+        load_params(path)
+
+
+def test_scalar_dropout_and_pool_apply_to_every_block():
+    raw = raw_params()
+    raw["model"]["dropout"] = 0.1
+    raw["model"]["pool"] = True
+    p = params_from_dict(raw)
+    assert p.model.dropout == (0.1, 0.1, 0.1)
+    assert p.model.pool == (True, True, True)
+
+
+def test_padding_auto_follows_the_kernel():
+    assert ModelConfig(kernel_sizes=(5, 5, 5)).paddings == (2, 2, 2)
+    assert ModelConfig(padding=(1, 0, 0)).paddings == (1, 0, 0)
+
+
+def test_flat_keys_match_params_yaml():
+    flat = to_flat_dict(load_params(REPO / "params.yaml"))
+    raw = raw_params()
+    expected = {f"{s}.{k}" for s, section in raw.items() for k in section}
+    assert expected <= set(flat)
+    assert flat["model.hidden_dim"] == 128
+    assert flat["model.channels"] == [32, 64, 128]

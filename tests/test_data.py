@@ -1,0 +1,158 @@
+import functools
+import gzip
+import http.server
+import threading
+
+import pytest
+import torch
+
+from fmnist_crnn import data
+from fmnist_crnn.config import DataConfig, SplitConfig
+
+from .conftest import idx_bytes, synthetic_arrays
+
+NO_MIRROR = DataConfig(mirror="", timeout_s=2)
+
+
+def test_fetch_from_a_folder_writes_verified_decompressed_files(synthetic_source, tmp_path):
+    folder, files = synthetic_source
+    out = tmp_path / "raw"
+    used = data.fetch_raw(NO_MIRROR, out, sources=[str(folder)], files=files)
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.name for f in files)
+    assert used == {f.name: str(folder / f.gz_name) for f in files}
+    images, labels = data.load_raw(out, "train")
+    assert images.shape == (32, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (32,)
+
+
+def test_decompressed_files_in_a_folder_are_accepted(synthetic_source, tmp_path):
+    folder, files = synthetic_source
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in files:
+        (plain / f.name).write_bytes(gzip.decompress((folder / f.gz_name).read_bytes()))
+    data.fetch_raw(NO_MIRROR, tmp_path / "raw", sources=[str(plain)], files=files)
+
+
+def test_gzip_header_differences_do_not_matter(synthetic_source, tmp_path):
+    # Debian's .gz files differ from upstream only in the gzip header: content is what counts.
+    folder, files = synthetic_source
+    for f in files:
+        content = gzip.decompress((folder / f.gz_name).read_bytes())
+        (folder / f.gz_name).write_bytes(gzip.compress(content, mtime=12345))
+    data.fetch_raw(NO_MIRROR, tmp_path / "raw", sources=[str(folder)], files=files)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "corrupt"])
+def test_damaged_file_is_an_error_and_leaves_earlier_output(synthetic_source, tmp_path, damage):
+    folder, files = synthetic_source
+    out = tmp_path / "raw"
+    data.fetch_raw(NO_MIRROR, out, sources=[str(folder)], files=files)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    target = folder / files[2].gz_name
+    blob = target.read_bytes()
+    if damage == "truncate":
+        target.write_bytes(blob[: len(blob) // 2])
+    else:
+        target.write_bytes(gzip.compress(gzip.decompress(blob)[:-1] + b"\x01"))
+    with pytest.raises(data.DataError) as err:
+        data.fetch_raw(NO_MIRROR, out, sources=[str(folder)], files=files)
+    message = str(err.value)
+    assert str(target) in message and files[2].sha256 in message
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw", "source"]  # no temp left
+
+
+def test_no_source_lists_everything_tried(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataError) as err:
+        data.fetch_raw(NO_MIRROR, tmp_path / "raw",
+                       sources=[str(empty), "http://127.0.0.1:9/"])
+    message = str(err.value)
+    assert str(empty) in message and "http://127.0.0.1:9/" in message
+    assert "FASHION_MNIST_DIR" in message
+    assert not (tmp_path / "raw").exists()
+
+
+def test_http_mirror_is_used_when_folders_lack_the_files(synthetic_source, tmp_path):
+    folder, files = synthetic_source
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *a: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/"
+        used = data.fetch_raw(NO_MIRROR, tmp_path / "raw",
+                              sources=[str(tmp_path / "missing"), url], files=files)
+    finally:
+        server.shutdown()
+    assert all(source.startswith(url) for source in used.values())
+
+
+def test_candidate_sources_order(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.ENV_DIR, str(tmp_path))
+    sources = data.candidate_sources(DataConfig(source_dir="/ignored", mirror="http://m/"))
+    assert sources == [str(tmp_path), str(data.DEBIAN_DIR), "http://m/"]
+    monkeypatch.delenv(data.ENV_DIR)
+    assert data.candidate_sources(DataConfig(source_dir="/mine"))[0] == "/mine"
+
+
+def test_wrong_idx_shape_is_a_clear_error(raw_dir):
+    labels = raw_dir / "train-labels-idx1-ubyte"
+    labels.write_bytes(idx_bytes(synthetic_arrays()["train-images-idx3-ubyte"]))
+    with pytest.raises(data.DataError, match="train-labels-idx1-ubyte: expected 1-d"):
+        data.load_raw(raw_dir, "train")
+
+
+def test_garbage_idx_is_a_clear_error(raw_dir):
+    (raw_dir / "t10k-images-idx3-ubyte").write_bytes(b"not an idx file")
+    with pytest.raises(data.DataError, match="t10k-images-idx3-ubyte"):
+        data.load_raw(raw_dir, "t10k")
+
+
+def test_split_sizes_and_disjointness(raw_dir, tmp_path):
+    out = tmp_path / "split"
+    sizes = data.make_split(raw_dir, out, SplitConfig(val_fraction=0.25, seed=1))
+    assert sizes == {"train": 48, "val": 16, "test": 32}
+    train_x, _ = data.load_split(out, "train")
+    val_x, _ = data.load_split(out, "val")
+    raw_x, _ = data.load_raw(raw_dir, "train")
+    rows = {bytes(x.numpy()) for x in raw_x}
+    seen = [bytes(x.numpy()) for x in torch.cat([train_x, val_x])]
+    assert len(set(seen)) == 64 and set(seen) == rows
+
+
+def test_split_is_seeded(raw_dir, tmp_path):
+    for name, seed in (("a", 3), ("b", 3), ("c", 4)):
+        data.make_split(raw_dir, tmp_path / name, SplitConfig(seed=seed))
+    a, b, c = (data.load_split(tmp_path / n, "val")[1] for n in "abc")
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_stratified_split_keeps_class_proportions(raw_dir, tmp_path):
+    data.make_split(raw_dir, tmp_path / "s", SplitConfig(val_fraction=0.5, stratify=True))
+    _, train_y = data.load_split(tmp_path / "s", "train")
+    _, val_y = data.load_split(tmp_path / "s", "val")
+    diff = torch.bincount(train_y, minlength=10) - torch.bincount(val_y, minlength=10)
+    assert diff.abs().max() <= 1
+
+
+def test_limit_takes_the_first_images(raw_dir, tmp_path):
+    sizes = data.make_split(raw_dir, tmp_path / "s", SplitConfig(limit=20, val_fraction=0.5))
+    assert sizes == {"train": 10, "val": 10, "test": 20}
+
+
+def test_batches_cover_every_image_once_in_seeded_order():
+    images = torch.arange(10, dtype=torch.uint8).repeat_interleave(784).view(10, 28, 28)
+    labels = torch.arange(10)
+    order = [y for _, ys in data.batches(images, labels, 4, torch.Generator().manual_seed(0))
+             for y in ys.tolist()]
+    again = [y for _, ys in data.batches(images, labels, 4, torch.Generator().manual_seed(0))
+             for y in ys.tolist()]
+    assert sorted(order) == list(range(10)) and order == again
+    x, y = next(data.batches(images, labels, 4))
+    assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)

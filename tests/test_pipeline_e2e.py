@@ -1,0 +1,134 @@
+"""The real pipeline on a slice of the real dataset, in a temporary git + DVC repository."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from fmnist_crnn.data import DEBIAN_DIR, ENV_DIR
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def data_available() -> bool:
+    return bool(os.environ.get(ENV_DIR)) or (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+def run(cmd, cwd, env):
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    if not data_available():
+        if os.environ.get("CI"):
+            pytest.fail(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
+        pytest.skip(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
+    repo = tmp_path_factory.mktemp("pipeline")
+    for item in ("dvc.yaml", "stages", "src"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["split"]["limit"] = 6000
+    params["train"]["epochs"] = 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    run(["git", "init", "-q"], repo, env)
+    run(["dvc", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], repo,
+        env)
+    out = run(["dvc", "repro"], repo, env)
+    return repo, env, out
+
+
+def test_repro_prints_the_study_inference_line(pipeline):
+    _, _, out = pipeline
+    assert "Inference: 100%" in out and "94/94" in out  # 6,000 test images at batch 64
+    assert "Accuracy: " in out and "% / Loss: " in out
+
+
+def test_outputs_metrics_and_report(pipeline):
+    repo, _, _ = pipeline
+    train = json.loads((repo / "metrics/train.json").read_text())
+    test = json.loads((repo / "metrics/test.json").read_text())
+    assert train["epochs"] == 2 and 0 < train["best_val_acc"] <= 1
+    assert 0.3 < test["accuracy"] <= 1  # 4,200 images, 2 epochs: well above chance (0.1)
+    assert set(test["per_class"]) >= {"T-shirt/top", "Ankle boot"}
+    history = (repo / "plots/history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,train_loss") and len(history) == 3
+    predictions = (repo / "plots/test_predictions.csv").read_text().splitlines()
+    assert predictions[0] == "actual,predicted" and len(predictions) == 6001
+    report = (repo / "reports/report.md").read_text()
+    assert f"{test['accuracy']:.2%}" in report and "89.6%" in report
+    for png in ("learning_curves.png", "confusion_matrix.png"):
+        assert (repo / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_mlflow_run_has_params_history_confusion_and_model(pipeline):
+    repo, _, _ = pipeline
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["model.hidden_dim"] == "128" and params["split.limit"] == "6000"
+    assert params["model.kernel_sizes"] == "[3, 3, 2]"
+    steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
+    assert steps == [1, 2]
+    test = json.loads((repo / "metrics/test.json").read_text())
+    assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
+    artifacts = {a.path for folder in ("val", "test")
+                 for a in client.list_artifacts(run_id, folder)}
+    assert {"val/confusion_matrix.png", "test/confusion_matrix.png",
+            "test/confusion_matrix.json"} <= artifacts
+    assert run.data.tags["mlflow.source.git.commit"]
+    assert {d.dataset.name for d in run.inputs.dataset_inputs} >= {
+        "fashion-mnist-train", "fashion-mnist-val", "fashion-mnist-test"}
+    [logged] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                           filter_string=f"source_run_id = '{run_id}'",
+                                           output_format="list")
+    model = mlflow.pyfunc.load_model(f"models:/{logged.model_id}")
+    import numpy as np
+    out = model.predict(np.zeros((2, 1, 28, 28), dtype=np.float32))
+    assert np.asarray(out).shape == (2, 10)
+    assert str(repo / "mlartifacts") in logged.artifact_location
+
+
+def test_second_repro_does_nothing(pipeline):
+    repo, env, _ = pipeline
+    out = run(["dvc", "repro"], repo, env)
+    assert "Data and pipelines are up to date" in out
+    assert "up to date" in run(["dvc", "status"], repo, env)
+
+
+def test_experiment_variant_is_one_command_and_comparable(pipeline):
+    repo, env, _ = pipeline
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline"],
+        repo, env)
+    run(["dvc", "exp", "run", "-n", "tiny-h32", "-S", "model.hidden_dim=32"], repo, env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    names = [e.get("name") for row in shown for e in [row] + [
+        x for exp in row.get("experiments") or [] for x in exp.get("revs", [])]]
+    assert "tiny-h32" in names
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fashion-mnist-crnn"], output_format="list",
+                              filter_string="tags.dvc_exp_name = 'tiny-h32'")
+    assert len(runs) == 1 and runs[0].data.params["model.hidden_dim"] == "32"
+    assert runs[0].info.run_name == "tiny-h32"
+    assert "test_accuracy" in runs[0].data.metrics
