@@ -43,7 +43,8 @@ def test_every_path_argument_is_a_dependency_or_output(stage):
     paths = [w for w in words[2:] if not w.startswith("--")]
     known = declared(stage, "deps") | declared(stage, "outs") | declared(stage, "metrics")
     reports_dir = {p.split("/")[0] for p in declared(stage, "outs")}
-    missing = [p for p in paths if p not in known and p not in reports_dir]
+    # dvc.lock is DVC's own record, written by DVC itself: read, never a dependency.
+    missing = [p for p in paths if p not in known | reports_dir | {"dvc.lock"}]
     assert not missing
 
 
@@ -52,9 +53,9 @@ def test_stage_depends_on_its_script_and_the_modules_it_imports(stage):
     deps = declared(stage, "deps")
     assert f"stages/{stage}.py" in deps
     source = (REPO / "stages" / f"{stage}.py").read_text()
-    for module in ("data", "train", "evaluate", "report"):
-        if f"import cli, {module}" in source:
-            assert f"src/fmnist_crnn/{module}.py" in deps
+    [line] = [x for x in source.splitlines() if x.startswith("from fmnist_crnn import ")]
+    modules = [m.strip() for m in line.removeprefix("from fmnist_crnn import ").split(",")]
+    assert modules and all(f"src/fmnist_crnn/{m}.py" in deps for m in modules)
 
 
 def test_section_view_refuses_undeclared_sections():

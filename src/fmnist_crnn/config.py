@@ -133,6 +133,9 @@ class TrainConfig:
 class TrackingConfig:
     experiment_name: str = "fashion-mnist-crnn"
     log_model: bool = True
+    # Set by the study runner (`make study`): tags that let the MLflow UI filter one study.
+    study: str | None = None
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment_name.strip()), "tracking.experiment_name",

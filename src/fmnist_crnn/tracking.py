@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
+import random
 import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
@@ -62,12 +66,7 @@ def configure(experiment_name: str) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to child processes
-    try:
-        experiment = mlflow.get_experiment_by_name(experiment_name)
-    except Exception as exc:  # connection errors surface as several exception types
-        raise TrackingError(f"cannot reach the MLflow tracking store at {uri}: "
-                            f"{type(exc).__name__}: {str(exc)[:300]}. Start the server, or unset "
-                            "MLFLOW_TRACKING_URI to use the local store.") from None
+    experiment = _with_retries(uri, lambda: mlflow.get_experiment_by_name(experiment_name))
     if experiment is not None:
         return experiment.experiment_id
     artifact_location = None
@@ -78,6 +77,27 @@ def configure(experiment_name: str) -> str:
     except mlflow.exceptions.MlflowException:
         # Another process (a parallel queued experiment) created it first.
         return mlflow.get_experiment_by_name(experiment_name).experiment_id
+
+
+def _with_retries(uri: str, call: Any, attempts: int = 5) -> Any:
+    """Call ``call``; retry briefly when a local SQLite store is busy.
+
+    Two queued experiments starting at once may both create the store's tables or write at the
+    same moment; SQLite then answers "database is locked" or "already exists" to one of them.
+    """
+    for attempt in range(attempts):
+        try:
+            return call()
+        except Exception as exc:  # connection errors surface as several exception types
+            text = str(exc)
+            busy = uri.startswith("sqlite") and ("locked" in text or "already exists" in text)
+            if busy and attempt < attempts - 1:
+                time.sleep(0.5 + random.random() * (attempt + 1))
+                continue
+            raise TrackingError(f"cannot use the MLflow tracking store at {uri}: "
+                                f"{type(exc).__name__}: {text[:300]}. Start the server, or unset "
+                                "MLFLOW_TRACKING_URI to use the local store.") from None
+    raise AssertionError("unreachable")
 
 
 def run_exists(run_id: str) -> bool:
@@ -160,7 +180,14 @@ def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
 def log_environment(info: Mapping[str, Any]) -> None:
     import mlflow
 
+    info = {"python": sys.version.split()[0], "platform": platform.platform(), **info}
     mlflow.set_tags({f"env.{k}": str(v) for k, v in info.items()})
+
+
+def set_tags(tags: Mapping[str, Any]) -> None:
+    import mlflow
+
+    mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
 def log_dataset(name: str, digest: str, source: str, context: str) -> None:

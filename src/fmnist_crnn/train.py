@@ -85,6 +85,7 @@ def load_resume_state(path: Path | None, expected_fingerprint: str) -> dict[str,
     except Exception:  # a checkpoint we cannot read is no reason to stop: start over
         return None
     if not isinstance(state, dict) or state.get("fingerprint") != expected_fingerprint:
+        print(f"{path} was written for other parameters or data; training starts over")
         return None
     if state.get("epoch", 0) >= state.get("epochs", float("inf")):
         return None  # a finished run: a new `dvc repro` of this stage trains afresh
@@ -242,8 +243,11 @@ def run_training(
     tracking.configure(params.tracking.experiment_name)
     resume = load_resume_state(checkpoint_path, fp)
 
+    study_tags = {k: v for k, v in (("study", params.tracking.study),
+                                    ("variant", params.tracking.variant)) if v}
     with tracking.start_run(params.tracking.experiment_name,
-                            run_id=resume["run_id"] if resume else None) as run:
+                            run_id=resume["run_id"] if resume else None,
+                            tags=study_tags) as run:
         if resume is None:
             tracking.log_params(to_flat_dict(params))
             for name, context in (("train", "training"), ("val", "validation")):
@@ -262,6 +266,7 @@ def run_training(
         )
         seconds = time.perf_counter() - started
         tracking.log_environment(environment_info(result.device))
+        tracking.set_tags({f"data.{name}_sha256": digest for name, digest in digests.items()})
 
         val_logits = predict_logits(result.model, val_data[0], params.train.batch_size,
                                     torch.device(result.device))
