@@ -6,7 +6,14 @@ STAMP := $(VENV)/.installed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data-source repro test test-fast lint ui lock clean-tracking
+.PHONY: setup data-source repro test test-fast lint ui lock study study-quick
+
+# The ablation study: every variant queued as a DVC experiment, run, then compared.
+# Override on the command line, e.g. `make study SEEDS=3 JOBS=1 VARIANTS="baseline hidden256"`.
+SEEDS ?= 1
+JOBS ?= 1
+VARIANTS ?=
+STUDY_ARGS = --seeds $(SEEDS) --jobs $(JOBS) $(if $(VARIANTS),--variants $(VARIANTS),)
 
 setup: $(STAMP) data-source
 
@@ -47,6 +54,13 @@ lint: setup
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 \
 	  --port $(MLFLOW_PORT)
+
+study: setup
+	$(BIN)/python -m fmnist_crnn.study run $(STUDY_ARGS)
+
+# Cheap mode: 2 epochs on the first 6,000 training and test images.
+study-quick: setup
+	$(BIN)/python -m fmnist_crnn.study run $(STUDY_ARGS) --epochs 2 --limit 6000
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^fmnist-crnn' > requirements.lock.new

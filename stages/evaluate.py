@@ -11,6 +11,7 @@ SECTIONS = ("train", "tracking")
 def main(args, params) -> None:
     evaluate.run_evaluation(
         Path(args.model), Path(args.split), Path(args.run), metrics_path=Path(args.metrics),
+        per_class_path=Path(args.per_class),
         predictions_path=Path(args.predictions), confusion_path=Path(args.confusion),
         batch_size=params.train.batch_size,
         experiment_name=params.tracking.experiment_name, device_name=params.train.device,
@@ -23,6 +24,8 @@ if __name__ == "__main__":
     p.add_argument("--split", required=True, help="folder with test.pt")
     p.add_argument("--run", required=True, help="the training's MLflow run id (JSON)")
     p.add_argument("--metrics", required=True, help="output: test metrics (JSON)")
+    p.add_argument("--per-class", required=True,
+                   help="output: per-class precision/recall/F1 (JSON)")
     p.add_argument("--predictions", required=True, help="output: actual,predicted (CSV)")
     p.add_argument("--confusion", required=True, help="output: confusion matrix (JSON)")
     cli.run(main, p, SECTIONS)

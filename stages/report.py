@@ -12,7 +12,8 @@ SECTIONS = ("data", "split", "model", "train", "tracking")
 def main(args, params) -> None:
     out = Path(args.out)
     path = report.build_report(params, Path(args.history), Path(args.train_metrics),
-                               Path(args.test_metrics), Path(args.confusion), out)
+                               Path(args.test_metrics), Path(args.per_class),
+                               Path(args.confusion), out)
     print(f"wrote {path}")
     # The report, its figures and the lock that records the hashes of every input of this
     # run go to the training's MLflow run, beside its metrics.
@@ -31,6 +32,7 @@ if __name__ == "__main__":
     p.add_argument("--history", required=True)
     p.add_argument("--train-metrics", required=True)
     p.add_argument("--test-metrics", required=True)
+    p.add_argument("--per-class", required=True)
     p.add_argument("--confusion", required=True)
     p.add_argument("--run", required=True, help="the training's MLflow run id (JSON)")
     p.add_argument("--lock", default="dvc.lock",

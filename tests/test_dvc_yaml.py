@@ -58,6 +58,14 @@ def test_stage_depends_on_its_script_and_the_modules_it_imports(stage):
     assert modules and all(f"src/fmnist_crnn/{m}.py" in deps for m in modules)
 
 
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_metrics_are_small_json_files_outside_the_cache(stage):
+    for entry in STAGES[stage].get("metrics", []):
+        [(path, options)] = entry.items()
+        assert path.startswith("metrics/") and path.endswith(".json")
+        assert options == {"cache": False}
+
+
 def test_section_view_refuses_undeclared_sections():
     view = SectionView(load_params(REPO / "params.yaml"), ("split",))
     assert view.split.val_fraction == 0.3

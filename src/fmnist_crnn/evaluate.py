@@ -93,6 +93,7 @@ def run_evaluation(
     split_dir: Path,
     run_path: Path,
     metrics_path: Path,
+    per_class_path: Path,
     predictions_path: Path,
     confusion_path: Path,
     batch_size: int,
@@ -126,7 +127,9 @@ def run_evaluation(
     atomic_write_text(predictions_path, "\n".join(rows) + "\n")
     atomic_write_json(confusion_path, {"classes": list(data.CLASS_NAMES),
                                        "matrix": cm.tolist()})
-    atomic_write_json(metrics_path, metrics)
+    # Headline numbers are DVC metrics (columns in `dvc exp show`); per-class ones go apart.
+    atomic_write_json(per_class_path, metrics["per_class"])
+    atomic_write_json(metrics_path, {k: v for k, v in metrics.items() if k != "per_class"})
     return metrics
 
 

@@ -63,3 +63,33 @@ def save(fig: Figure, path: str | Path) -> None:
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def curves_by_group_figure(curves: Mapping[str, Sequence[Sequence[float]]], title: str,
+                           ylabel: str) -> Figure:
+    """One line per group (the mean over its curves, epochs from 1), a band for min..max."""
+    fig, ax = plt.subplots(figsize=(9, 5), constrained_layout=True)
+    for name, group in sorted(curves.items()):
+        length = min(len(c) for c in group)
+        values = np.array([c[:length] for c in group])
+        epochs = np.arange(1, length + 1)
+        (line,) = ax.plot(epochs, values.mean(axis=0), label=f"{name} (n={len(group)})")
+        if len(group) > 1:
+            ax.fill_between(epochs, values.min(axis=0), values.max(axis=0),
+                            color=line.get_color(), alpha=0.15)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(title=title, xlabel="epoch", ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def scatter_figure(points: Mapping[str, tuple[float, float]], xlabel: str, ylabel: str,
+                   title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(7, 5), constrained_layout=True)
+    for name, (x, y) in points.items():
+        ax.scatter([x], [y])
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    return fig

@@ -27,6 +27,7 @@ def build_report(
     history_path: Path,
     train_metrics_path: Path,
     test_metrics_path: Path,
+    per_class_path: Path,
     confusion_path: Path,
     out_dir: Path,
 ) -> Path:
@@ -37,6 +38,7 @@ def build_report(
     history = read_history(history_path)
     train_metrics = json.loads(Path(train_metrics_path).read_text())
     test = json.loads(Path(test_metrics_path).read_text())
+    test["per_class"] = json.loads(Path(per_class_path).read_text())
     cm_blob = json.loads(Path(confusion_path).read_text())
     cm = np.asarray(cm_blob["matrix"])
 

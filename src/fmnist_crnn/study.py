@@ -1,0 +1,366 @@
+"""The study's ablations as queued DVC experiments, and their comparison.
+
+``python -m fmnist_crnn.study run`` queues every variant of shared/docs/study.md (optionally
+several seeds each) with ``dvc exp run --queue``, runs the queue, waits, then writes the
+comparison. ``python -m fmnist_crnn.study compare --study ID`` rebuilds the comparison from
+``dvc exp show --json`` and the MLflow runs tagged ``study=ID``: nothing is kept by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fmnist_crnn.files import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    change: str
+    overrides: dict[str, Any]
+    reported: str  # what the course report says about it
+
+
+TWO_BLOCKS = {
+    "model.channels": [32, 64],
+    "model.kernel_sizes": [3, 3],
+    "model.strides": [2, 1],
+    "model.pool": [True, True],
+    "model.dropout": [0.25, 0.25],
+}
+VARIANTS = {v.name: v for v in (
+    Variant("baseline", "the study's baseline", {}, "89.6%"),
+    Variant("conv2", "2 convolution blocks instead of 3", TWO_BLOCKS, "worse"),
+    Variant("pool2", "max-pool in 2 blocks instead of 3", {"model.pool": [True, True, False]},
+            "lower accuracy"),
+    Variant("kernels222", "all kernels 2", {"model.kernel_sizes": [2, 2, 2]},
+            "worse than 3,3,2"),
+    Variant("kernels333", "all kernels 3", {"model.kernel_sizes": [3, 3, 3]},
+            "88.13%, loss 0.3283"),
+    Variant("kernels555", "all kernels 5 (padding kernel//2)", {"model.kernel_sizes": [5, 5, 5]},
+            "worse than 3,3,2"),
+    Variant("hidden256", "LSTM hidden_dim 256", {"model.hidden_dim": 256},
+            "90.06%, loss 0.2808"),
+    Variant("dropout01", "dropout 0.1 in all three blocks", {"model.dropout": [0.1, 0.1, 0.1]},
+            "best of the dropout variants"),
+    Variant("dropout01x1", "dropout 0.1 in the first block only",
+            {"model.dropout": [0.1, 0.25, 0.25]}, "loss 0.3319 (worse)"),
+    Variant("final", "hidden_dim 256 + dropout 0.1",
+            {"model.hidden_dim": 256, "model.dropout": [0.1, 0.1, 0.1]}, "best configuration"),
+)}
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """``-S key=value`` arguments in the override syntax `dvc exp run -S` parses."""
+    args = []
+    for key, value in overrides.items():
+        args += ["-S", f"{key}={_literal(value)}"]
+    return args
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    return str(value)
+
+
+def experiment_name(study: str, variant: str, seed: int) -> str:
+    return f"{study}-{variant}-s{seed}"
+
+
+def variant_command(variant: Variant, extra: dict[str, Any] | None = None) -> str:
+    """The one command that runs this variant on its own (for the README)."""
+    words = ["dvc", "exp", "run", "-n", variant.name]
+    words += override_args({**variant.overrides, **(extra or {})})
+    return " ".join(f"'{w}'" if any(c in w for c in "[]") else w for w in words)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _dvc(*args: str, capture: bool = True) -> str:
+    # The dvc of this interpreter's environment, whatever PATH says.
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture,
+                          text=True)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {detail}")
+    return proc.stdout if capture else ""
+
+
+def queue_study(study: str, variants: list[Variant], seeds: list[int],
+                extra: dict[str, Any]) -> list[str]:
+    names = []
+    for variant in variants:
+        for seed in seeds:
+            name = experiment_name(study, variant.name, seed)
+            overrides = {**variant.overrides, **extra, "train.seed": seed,
+                         "tracking.study": study, "tracking.variant": variant.name}
+            _dvc("exp", "run", "--queue", "-n", name, *override_args(overrides))
+            names.append(name)
+            print(f"queued {name}")
+    return names
+
+
+def wait_for_queue(poll_s: float = 15.0) -> None:
+    """Block until no queued or running experiment is left."""
+    while True:
+        status = _dvc("queue", "status")
+        active = [line for line in status.splitlines() if re.search(r"\b(Queued|Running)\b", line)]
+        if not active:
+            return
+        print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running")
+        time.sleep(poll_s)
+
+
+def run_study(args: argparse.Namespace) -> Path:
+    from fmnist_crnn import tracking
+    from fmnist_crnn.config import load_params
+
+    study = args.study or datetime.now(UTC).strftime("study-%Y%m%d-%H%M")
+    variants = [VARIANTS[name] for name in args.variants]
+    base_seed = load_params("params.yaml").train.seed
+    seeds = [base_seed + i for i in range(args.seeds)]
+    extra: dict[str, Any] = {}
+    if args.epochs:
+        extra["train.epochs"] = args.epochs
+    if args.limit:
+        extra["split.limit"] = args.limit
+    # Create the tracking store and experiment once, before parallel workers race to.
+    tracking.configure(load_params("params.yaml").tracking.experiment_name)
+    queue_study(study, variants, seeds, extra)
+    _dvc("queue", "start", "-j", str(args.jobs))
+    wait_for_queue()
+    return compare(study, Path(args.out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing
+
+
+@dataclass
+class Row:
+    variant: str
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [r[key] for r in self.runs if r.get(key) is not None]
+
+
+def collect_experiments(study: str, exp_show: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten ``dvc exp show --json`` into one record per experiment of ``study``."""
+    records = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            data = node.get("data")
+            if isinstance(data, dict) and "params" in data:
+                record = _record(node, data)
+                if record and record["study"] == study:
+                    records.append(record)
+            for value in node.values():
+                if isinstance(value, (dict, list)):
+                    visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(exp_show)
+    unique = {r["name"]: r for r in records}  # one experiment can appear under two baselines
+    return sorted(unique.values(), key=lambda r: r["name"])
+
+
+def _record(node: dict[str, Any], data: dict[str, Any]) -> dict[str, Any] | None:
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+    tracking_params = params.get("tracking") or {}
+    metrics = data.get("metrics") or {}
+    test = (metrics.get("metrics/test.json") or {}).get("data") or {}
+    train = (metrics.get("metrics/train.json") or {}).get("data") or {}
+    if not tracking_params.get("study") or "accuracy" not in test:
+        return None
+    return {
+        "name": node.get("name") or data.get("name") or node.get("rev"),
+        "study": tracking_params["study"],
+        "variant": tracking_params.get("variant"),
+        "seed": (params.get("train") or {}).get("seed"),
+        "epochs": (params.get("train") or {}).get("epochs"),
+        "limit": (params.get("split") or {}).get("limit"),
+        "test_accuracy": test.get("accuracy"),
+        "test_loss": test.get("loss"),
+        "best_val_acc": train.get("best_val_acc"),
+        "params_count": train.get("params_count"),
+        "train_seconds": train.get("train_seconds"),
+    }
+
+
+def val_histories(study: str, experiment_name: str) -> dict[str, list[list[float]]]:
+    """Per variant, the validation accuracy per epoch of each of its MLflow runs."""
+    import mlflow
+
+    from fmnist_crnn import tracking
+
+    tracking.configure(experiment_name)
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=[experiment_name], output_format="list",
+                              filter_string=f"tags.study = '{study}'")
+    histories: dict[str, list[list[float]]] = defaultdict(list)
+    for run in runs:
+        if run.info.status != "FINISHED":
+            continue
+        points = sorted(client.get_metric_history(run.info.run_id, "val_acc"),
+                        key=lambda m: (m.step, m.timestamp))
+        by_step = {m.step: m.value for m in points}  # a resumed epoch logged twice counts once
+        histories[run.data.tags.get("variant", "?")].append([by_step[s] for s in sorted(by_step)])
+    return histories
+
+
+def beyond_noise(base: list[float], other: list[float]) -> str:
+    """Welch's t-test at 5%; needs two or more seeds on both sides."""
+    if len(base) < 2 or len(other) < 2:
+        return "n/a (1 seed)"
+    from scipy.stats import ttest_ind
+
+    if statistics.pstdev(base) == 0 and statistics.pstdev(other) == 0:
+        return "yes" if statistics.mean(base) != statistics.mean(other) else "no"
+    p = ttest_ind(base, other, equal_var=False).pvalue
+    return f"{'yes' if p < 0.05 else 'no'} (p={p:.2f})"
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    mean = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    rows: dict[str, Row] = {}
+    for record in records:
+        rows.setdefault(record["variant"], Row(record["variant"])).runs.append(record)
+    order = [name for name in VARIANTS if name in rows] + sorted(set(rows) - set(VARIANTS))
+    base = rows.get("baseline")
+    base_acc = base.values("test_accuracy") if base else []
+    lines = [
+        "| variant | change | seeds | test accuracy (%) | test loss | best val acc (%) | "
+        "parameters | train time (s) | Δ accuracy vs baseline (points) | beyond seed noise | "
+        "study reported |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    summary = []
+    for name in order:
+        row = rows[name]
+        acc = row.values("test_accuracy")
+        variant = VARIANTS.get(name)
+        delta = (statistics.mean(acc) - statistics.mean(base_acc)) * 100 if base_acc else math.nan
+        noise = "–" if name == "baseline" or not base_acc else beyond_noise(base_acc, acc)
+        params = row.values("params_count")
+        lines.append(
+            f"| {name} | {variant.change if variant else '?'} | {len(row.runs)} | "
+            f"{_mean_std(acc, 100)} | {_mean_std(row.values('test_loss'), 1, 4)} | "
+            f"{_mean_std(row.values('best_val_acc'), 100)} | "
+            f"{int(params[0]):,} | {_mean_std(row.values('train_seconds'), 1, 0)} | "
+            f"{'–' if name == 'baseline' or math.isnan(delta) else f'{delta:+.2f}'} | "
+            f"{noise} | {variant.reported if variant else ''} |"
+            if params else f"| {name} | incomplete runs |" + " |" * 9
+        )
+        summary.append({"variant": name, "runs": row.runs, "delta_points": delta,
+                        "beyond_noise": noise})
+    return lines, summary
+
+
+def compare(study: str, out_dir: Path, experiment_name: str | None = None) -> Path:
+    from fmnist_crnn import plots
+    from fmnist_crnn.config import load_params
+
+    experiment_name = experiment_name or load_params("params.yaml").tracking.experiment_name
+    records = collect_experiments(study, json.loads(_dvc("exp", "show", "--json")))
+    if not records:
+        raise RuntimeError(f"no finished experiment of study '{study}' in `dvc exp show`")
+    lines, summary = comparison_table(records)
+    settings = sorted({(r["epochs"], r["limit"]) for r in records}, key=str)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    histories = val_histories(study, experiment_name)
+    plots.save(plots.curves_by_group_figure(histories, "validation accuracy per epoch",
+                                            "val accuracy"),
+               out_dir / f"{study}_val_acc.png")
+    points = {s["variant"]: (statistics.mean(r["params_count"] for r in s["runs"]),
+                             statistics.mean(r["test_accuracy"] for r in s["runs"]))
+              for s in summary}
+    plots.save(plots.scatter_figure(points, "parameters", "test accuracy",
+                                    "Test accuracy vs parameters"),
+               out_dir / f"{study}_acc_vs_params.png")
+    text = "\n".join([
+        f"# Study `{study}`",
+        "",
+        f"Built by `python -m fmnist_crnn.study compare --study {study}` from `dvc exp show "
+        f"--json` and the MLflow runs tagged `study={study}`. Settings (epochs, sample limit): "
+        f"{', '.join(f'{e} epochs, limit {lim}' for e, lim in settings)}. Mean ± standard "
+        "deviation over seeds; 'beyond seed noise' is Welch's t-test against the baseline at 5%.",
+        "",
+        *lines,
+        "",
+        f"![validation accuracy]({study}_val_acc.png)",
+        "",
+        f"![accuracy vs parameters]({study}_acc_vs_params.png)",
+        "",
+    ])
+    path = out_dir / f"{study}.md"
+    atomic_write_text(path, text)
+    atomic_write_json(out_dir / f"{study}.json", summary)
+    print("\n".join(lines))
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fmnist_crnn.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="queue the variants, run the queue, then compare")
+    run.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    run.add_argument("--seeds", type=int, default=1, help="seeds per variant (train.seed + i)")
+    run.add_argument("--epochs", type=int, help="override train.epochs (cheap mode)")
+    run.add_argument("--limit", type=int, help="override split.limit (cheap mode)")
+    run.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
+    run.add_argument("--study", help="study id (default: study-<UTC time>)")
+    run.add_argument("--out", default="reports/study")
+    cmp_ = sub.add_parser("compare", help="rebuild the comparison of a finished study")
+    cmp_.add_argument("--study", required=True)
+    cmp_.add_argument("--out", default="reports/study")
+    lst = sub.add_parser("commands", help="print the one-line command for each variant")
+    lst.add_argument("--epochs", type=int)
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            run_study(args)
+        elif args.command == "compare":
+            compare(args.study, Path(args.out))
+        else:
+            extra = {"train.epochs": args.epochs} if args.epochs else {}
+            for variant in VARIANTS.values():
+                print(f"{variant.name:12s} {variant_command(variant, extra)}")
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

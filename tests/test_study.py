@@ -1,0 +1,138 @@
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from dvc.utils.hydra import apply_overrides
+
+from fmnist_crnn import study
+from fmnist_crnn.config import load_params
+from fmnist_crnn.model import CRNN
+
+from .conftest import REPO
+
+
+@pytest.mark.parametrize("name", list(study.VARIANTS))
+def test_variant_overrides_parse_build_and_train_one_step(name, tmp_path):
+    params_path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", params_path)
+    # The same override syntax and parser that `dvc exp run -S` uses.
+    args = study.override_args({**study.VARIANTS[name].overrides, "train.seed": 7,
+                                "tracking.study": "s1", "tracking.variant": name})
+    apply_overrides(params_path, args[1::2])
+    params = load_params(params_path)
+    for key, value in study.VARIANTS[name].overrides.items():
+        section, field = key.split(".")
+        got = getattr(getattr(params, section), field)
+        assert (list(got) if isinstance(got, tuple) else got) == value
+    assert (params.tracking.study, params.tracking.variant) == ("s1", name)
+    model = CRNN(params.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = torch.nn.functional.cross_entropy(model(torch.rand(4, 1, 28, 28)), torch.arange(4))
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_variant_command_is_one_dvc_exp_run():
+    command = study.variant_command(study.VARIANTS["final"])
+    assert command == ("dvc exp run -n final -S model.hidden_dim=256 "
+                       "-S 'model.dropout=[0.1,0.1,0.1]'")
+
+
+def record(variant, seed, acc):
+    return {"name": f"s-{variant}-{seed}", "study": "s", "variant": variant, "seed": seed,
+            "epochs": 20, "limit": None, "test_accuracy": acc, "test_loss": 1 - acc,
+            "best_val_acc": acc, "params_count": 1000, "train_seconds": 10.0}
+
+
+def test_table_has_mean_std_delta_and_noise_verdict():
+    records = [record("baseline", s, a) for s, a in ((1, 0.890), (2, 0.892), (3, 0.891))]
+    records += [record("hidden256", s, a) for s, a in ((1, 0.900), (2, 0.902), (3, 0.901))]
+    records += [record("dropout01", s, a) for s, a in ((1, 0.880), (2, 0.900), (3, 0.893))]
+    lines, summary = study.comparison_table(records)
+    text = "\n".join(lines)
+    assert "| baseline |" in text and "89.10 ± 0.10" in text
+    hidden = next(s for s in summary if s["variant"] == "hidden256")
+    assert hidden["delta_points"] == pytest.approx(1.0)
+    assert hidden["beyond_noise"].startswith("yes")
+    dropout = next(s for s in summary if s["variant"] == "dropout01")
+    assert dropout["beyond_noise"].startswith("no")
+
+
+def test_collect_experiments_reads_dvc_exp_show_json():
+    def node(name, variant, acc):
+        return {"rev": "abc", "name": name, "data": {
+            "params": {"params.yaml": {"data": {
+                "tracking": {"study": "s", "variant": variant}, "train": {"seed": 1,
+                                                                         "epochs": 2},
+                "split": {"limit": None}}}},
+            "metrics": {"metrics/test.json": {"data": {"accuracy": acc, "loss": 0.3}},
+                        "metrics/train.json": {"data": {"best_val_acc": acc,
+                                                        "params_count": 5,
+                                                        "train_seconds": 1.0}}}}}
+    shown = [{"rev": "workspace", "data": {"params": {}, "metrics": {}}},
+             {"rev": "main", "data": {"params": {}}, "experiments": [
+                 {"revs": [node("s-baseline-s1", "baseline", 0.8)]},
+                 {"revs": [node("s-final-s1", "final", 0.9)]},
+                 {"revs": [dict(node("other", "final", 0.5), data={
+                     **node("other", "final", 0.5)["data"],
+                     "params": {"params.yaml": {"data": {"tracking": {"study": "t"}}}}})]}]}]
+    records = study.collect_experiments("s", shown)
+    assert [(r["variant"], r["test_accuracy"]) for r in records] == [("baseline", 0.8),
+                                                                     ("final", 0.9)]
+
+
+@pytest.mark.slow
+def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
+    from .test_pipeline_e2e import data_available
+
+    if not data_available():
+        pytest.skip("no Fashion-MNIST")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for item in ("dvc.yaml", "stages", "src", ".gitignore"):
+        src = REPO / item
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["split"]["limit"] = 1000
+    params["train"]["epochs"] = 1
+    params["tracking"]["log_model"] = False
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@t")
+    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"], ["dvc", "repro", "split"],
+                ["git", "add", "-A"], ["git", "commit", "-qm", "data"]):
+        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
+         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    summary = json.loads((repo / "reports/study/tiny.json").read_text())
+    assert [s["variant"] for s in summary] == ["baseline", "hidden256"]
+    table = (repo / "reports/study/tiny.md").read_text()
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["fashion-mnist-crnn"], output_format="list",
+                              filter_string="tags.study = 'tiny'")
+    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "hidden256"]
+    assert all(r.info.status == "FINISHED" for r in runs)  # both landed, nothing lost
+    for row in summary:
+        [run] = [r for r in runs if r.data.tags["variant"] == row["variant"]]
+        acc = run.data.metrics["test_accuracy"]
+        assert row["runs"][0]["test_accuracy"] == pytest.approx(acc)
+        assert f"{acc * 100:.2f}" in table
+    assert (repo / "reports/study/tiny_val_acc.png").exists()
