@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
 
 
@@ -108,8 +110,9 @@ def _dvc(*args: str, capture: bool = True) -> str:
 def queue_study(study: str, variants: list[Variant], seeds: list[int],
                 extra: dict[str, Any]) -> list[str]:
     names = []
-    for variant in variants:
-        for seed in seeds:
+    # Seed-major order: if the queue is stopped early, every variant has the same seeds done.
+    for seed in seeds:
+        for variant in variants:
             name = experiment_name(study, variant.name, seed)
             overrides = {**variant.overrides, **extra, "train.seed": seed,
                          "tracking.study": study, "tracking.variant": variant.name}
@@ -143,6 +146,9 @@ def run_study(args: argparse.Namespace) -> Path:
         extra["train.epochs"] = args.epochs
     if args.limit:
         extra["split.limit"] = args.limit
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra[key] = yaml.safe_load(value)
     # Create the tracking store and experiment once, before parallel workers race to.
     tracking.configure(load_params("params.yaml").tracking.experiment_name)
     queue_study(study, variants, seeds, extra)
@@ -340,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--epochs", type=int, help="override train.epochs (cheap mode)")
     run.add_argument("--limit", type=int, help="override split.limit (cheap mode)")
     run.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra override for every run, e.g. train.num_threads=1")
     run.add_argument("--study", help="study id (default: study-<UTC time>)")
     run.add_argument("--out", default="reports/study")
     cmp_ = sub.add_parser("compare", help="rebuild the comparison of a finished study")
