@@ -14,7 +14,7 @@ def main(args, params) -> None:
         per_class_path=Path(args.per_class),
         predictions_path=Path(args.predictions), confusion_path=Path(args.confusion),
         batch_size=params.train.batch_size,
-        experiment_name=params.tracking.experiment_name, device_name=params.train.device,
+        tracking_cfg=params.tracking, device_name=params.train.device,
     )
 
 

@@ -1,28 +1,31 @@
-"""DVC stage `report`: learning curves, confusion heatmap and the Markdown report."""
+"""DVC stage `report`: figures, inspection, and the Markdown + HTML report."""
 
 import json
 from pathlib import Path
 
 from fmnist_crnn import cli, report, tracking
+from fmnist_crnn.config import to_flat_dict
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("data", "split", "model", "train", "tracking")
+SECTIONS = ("data", "split", "model", "train", "tracking", "report")
 
 
 def main(args, params) -> None:
     out = Path(args.out)
-    path = report.build_report(params, Path(args.history), Path(args.train_metrics),
-                               Path(args.test_metrics), Path(args.per_class),
-                               Path(args.confusion), out)
-    print(f"wrote {path}")
+    path, html_path = report.build_report(
+        params, Path(args.history), Path(args.train_metrics), Path(args.test_metrics),
+        Path(args.per_class), Path(args.confusion), Path(args.model), Path(args.split), out)
+    print(f"wrote {path} and {html_path}")
     # The report, its figures and the lock that records the hashes of every input of this
     # run go to the training's MLflow run, beside its metrics.
     run_id = json.loads(Path(args.run).read_text())["run_id"]
-    files = [path, *sorted((out / "figures").glob("*.png"))]
+    files = [path, html_path, *sorted((out / "figures").rglob("*.png"))]
     lock = Path(args.lock)
     with tracking.start_run(params.tracking.experiment_name, run_id=run_id):
+        tracking.log_missing_params(to_flat_dict(params))  # report.* join the run's params
         for file in files:
-            tracking.log_artifact(file, "report" if file == path else "report/figures")
+            folder = file.parent.relative_to(out).as_posix()
+            tracking.log_artifact(file, "report" if folder == "." else f"report/{folder}")
         if lock.exists():
             tracking.log_artifact(lock, "dvc")
 
@@ -34,6 +37,8 @@ if __name__ == "__main__":
     p.add_argument("--test-metrics", required=True)
     p.add_argument("--per-class", required=True)
     p.add_argument("--confusion", required=True)
+    p.add_argument("--model", required=True, help="the trained model (for the inspection)")
+    p.add_argument("--split", required=True, help="folder with train.pt and test.pt")
     p.add_argument("--run", required=True, help="the training's MLflow run id (JSON)")
     p.add_argument("--lock", default="dvc.lock",
                    help="DVC's lock file, logged with the run (DVC writes it: not a dependency)")

@@ -39,8 +39,8 @@ def test_params_sections_match_what_the_stage_reads(stage):
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_every_path_argument_is_a_dependency_or_output(stage):
     words = shlex.split(STAGES[stage]["cmd"])
-    assert words[:2] == ["python", f"stages/{stage}.py"]
-    paths = [w for w in words[2:] if not w.startswith("--")]
+    assert words[:3] == ["PYTHONPATH=src", "python", f"stages/{stage}.py"]
+    paths = [w for w in words[3:] if not w.startswith("--")]
     known = declared(stage, "deps") | declared(stage, "outs") | declared(stage, "metrics")
     reports_dir = {p.split("/")[0] for p in declared(stage, "outs")}
     # dvc.lock is DVC's own record, written by DVC itself: read, never a dependency.

@@ -83,6 +83,7 @@ def test_outputs_metrics_and_report(pipeline):
     assert predictions[0] == "actual,predicted" and len(predictions) == 6001
     report = (repo / "reports/report.md").read_text()
     assert f"{test['accuracy']:.2%}" in report and "89.6%" in report
+    assert (repo / "reports/report.html").read_text().startswith("<!DOCTYPE html>")
     for png in ("learning_curves.png", "confusion_matrix.png"):
         assert (repo / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -97,6 +98,9 @@ def test_mlflow_run_has_params_history_confusion_and_model(pipeline):
     params = run.data.params
     assert params["model.hidden_dim"] == "128" and params["split.limit"] == "6000"
     assert params["model.kernel_sizes"] == "[3, 3, 2]"
+    assert params["report.mistakes"] == "16"  # logged by the report stage
+    assert {f"{s}.{k}" for s, sec in yaml.safe_load((repo / "params.yaml").read_text()).items()
+            for k in sec} <= set(params)  # every value of params.yaml
     steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
     assert steps == [1, 2]
     test = json.loads((repo / "metrics/test.json").read_text())
@@ -132,13 +136,83 @@ def test_two_fresh_repositories_reproduce_the_same_hashes_and_metrics(pipeline,
     # These hold wall-clock seconds (and the checkpoint its MLflow run id): compared below
     # without them, or through the model they produce.
     timing = {"metrics/train.json", "plots/history.csv", "reports/report.md",
-              "reports/figures", "checkpoints/last.pt"}
+              "reports/report.html", "reports/figures", "checkpoints/last.pt"}
     assert {k: v for k, v in first.items() if k not in timing} == {
         k: v for k, v in second.items() if k not in timing}
     assert {"data/raw", "data/split", "models/model.pt", "metrics/test.json"} <= set(first)
     strip = lambda r: {k: v for k, v in json.loads(  # noqa: E731
         (r / "metrics/train.json").read_text()).items() if k != "train_seconds"}
     assert strip(repo) == strip(twin)
+
+
+def test_html_report_renders_in_a_browser_with_every_image(pipeline):
+    from .browser import chromium, images_loaded
+
+    if chromium() is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is not installed (.ci/run installs it)")
+        pytest.skip("chromium is not installed (apt-get install chromium)")
+    repo, _, _ = pipeline
+    loaded, total = images_loaded(repo / "reports/report.html")
+    # curves, 2 confusion, mistakes, inputs + 2 images x (3 blocks + lstm + probabilities)
+    assert total == 15 and loaded == total
+
+
+def test_report_shows_inspection_and_mistakes(pipeline):
+    repo, _, _ = pipeline
+    report = (repo / "reports/report.md").read_text()
+    assert "| block1 | [64, 32, 7, 7] |" in report and "| head | [64, 10] |" in report
+    assert "figures/confident_mistakes.png" in report
+    assert (repo / "reports/figures/inspection/image1_lstm.png").exists()
+
+
+def test_model_is_registered_and_champion_set(pipeline):
+    repo, _, out = pipeline
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    version = mlflow.MlflowClient().get_model_version_by_alias("fashion-mnist-crnn",
+                                                               "champion")
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    assert version.run_id == run_id
+    assert "alias 'champion' moved to it" in out
+
+
+def test_logged_model_serves_over_http(pipeline):
+    import socket
+    import time
+    import urllib.request
+
+    import numpy as np
+
+    repo, env, _ = pipeline
+    uri = json.loads((repo / "models/mlflow_run.json").read_text())["model_uri"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    server = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "--env-manager",
+                               "local", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, server.stderr.read()[-3000:]
+            assert time.monotonic() < deadline, "the model server did not start"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        images = np.zeros((2, 1, 28, 28), dtype=np.float32).tolist()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": images}).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            predictions = json.loads(response.read())["predictions"]
+        assert np.asarray(predictions).shape == (2, 10)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
 
 
 def test_second_repro_does_nothing(pipeline):

@@ -80,3 +80,22 @@ def test_logged_model_loads_with_pyfunc_and_predicts(repo):
                                                                      dtype=np.float32)))
     assert out.shape == (5, 10) and np.isfinite(out).all()
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
+
+
+def test_busy_sqlite_store_is_retried_and_other_errors_are_clear(monkeypatch):
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = {"n": 0}
+
+    def racing():
+        calls["n"] += 1
+        if calls["n"] == 1:  # what a parallel run's concurrent insert of a dataset looks like
+            raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets")
+        return "linked"
+
+    assert tracking._with_retries("sqlite:///x.db", racing) == "linked" and calls["n"] == 2
+
+    def broken():
+        raise RuntimeError("no such table: runs")
+
+    with pytest.raises(tracking.TrackingError, match="sqlite:///x.db.*no such table"):
+        tracking._with_retries("sqlite:///x.db", broken)

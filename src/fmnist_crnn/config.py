@@ -136,10 +136,28 @@ class TrackingConfig:
     # Set by the study runner (`make study`): tags that let the MLflow UI filter one study.
     study: str | None = None
     variant: str | None = None
+    # Each evaluated model is registered under this name (null: no registry); the alias moves
+    # to a new version only when its test accuracy beats the current holder's.
+    registered_model_name: str | None = "fashion-mnist-crnn"
+    champion_alias: str = "champion"
 
     def __post_init__(self) -> None:
         _check(bool(self.experiment_name.strip()), "tracking.experiment_name",
                self.experiment_name, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    # Training images shown stage by stage in the report ("inside the network").
+    inspect_indices: tuple[int, ...] = (0, 1)
+    # How many of the most confident test mistakes to show.
+    mistakes: int = 16
+
+    def __post_init__(self) -> None:
+        _check(len(self.inspect_indices) >= 1 and all(i >= 0 for i in self.inspect_indices),
+               "report.inspect_indices", list(self.inspect_indices),
+               "a non-empty list of image indices >= 0")
+        _check(self.mistakes >= 1, "report.mistakes", self.mistakes, "an integer >= 1")
 
 
 @dataclass(frozen=True)
@@ -149,6 +167,7 @@ class Params:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -157,6 +176,7 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "train": TrainConfig,
     "tracking": TrackingConfig,
+    "report": ReportConfig,
 }
 
 
@@ -210,18 +230,23 @@ def section_from_dict(name: str, raw: Any) -> Any:
     return cls(**values)
 
 
+def to_dict(params: Params) -> dict[str, dict[str, Any]]:
+    """Sections as plain dicts (lists for tuples); a stage's SectionView gives its sections."""
+    out = {}
+    for name in SECTIONS:
+        try:
+            section = getattr(params, name)
+        except AttributeError:  # not declared by this stage
+            continue
+        out[name] = {k: list(v) if isinstance(v, tuple) else v
+                     for k, v in dataclasses.asdict(section).items()}
+    return out
+
+
 def to_flat_dict(params: Params) -> dict[str, Any]:
     """Dotted keys as in params.yaml (``model.hidden_dim``), the names MLflow and DVC show."""
-    flat: dict[str, Any] = {}
-    for section, value in dataclasses.asdict(params).items():
-        for key, item in value.items():
-            flat[f"{section}.{key}"] = list(item) if isinstance(item, tuple) else item
-    return flat
-
-
-def to_dict(params: Params) -> dict[str, dict[str, Any]]:
-    return {section: {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
-            for section, values in dataclasses.asdict(params).items()}
+    return {f"{section}.{key}": value
+            for section, values in to_dict(params).items() for key, value in values.items()}
 
 
 def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:

@@ -18,7 +18,7 @@ from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
 from fmnist_crnn import data, tracking
-from fmnist_crnn.config import model_config_from_dict
+from fmnist_crnn.config import TrackingConfig, model_config_from_dict
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
 from fmnist_crnn.model import CRNN, select_device
 
@@ -97,7 +97,7 @@ def run_evaluation(
     predictions_path: Path,
     confusion_path: Path,
     batch_size: int,
-    experiment_name: str,
+    tracking_cfg: TrackingConfig,
     device_name: str = "auto",
 ) -> dict[str, Any]:
     """The evaluate stage: the test set, once; metrics to files and to the training's run."""
@@ -109,8 +109,8 @@ def run_evaluation(
     print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
     cm = confusion(logits, labels)
 
-    run_id = json.loads(Path(run_path).read_text())["run_id"]
-    with tracking.start_run(experiment_name, run_id=run_id):
+    run_info = json.loads(Path(run_path).read_text())
+    with tracking.start_run(tracking_cfg.experiment_name, run_id=run_info["run_id"]):
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items() if k != "per_class"})
         tracking.log_metrics({
             f"test_{metric}_{_slug(name)}": values[metric]
@@ -120,6 +120,13 @@ def run_evaluation(
         tracking.log_dataset("fashion-mnist-test", data.split_digest(split_dir, ("test",)),
                              str(Path(split_dir) / "test.pt"), "test")
         tracking.log_confusion_matrix(cm, list(data.CLASS_NAMES), "test")
+        if tracking_cfg.registered_model_name and run_info.get("model_uri"):
+            version, promoted = tracking.register_and_promote(
+                run_info["model_uri"], tracking_cfg.registered_model_name,
+                tracking_cfg.champion_alias, metrics["accuracy"])
+            print(f"registered {tracking_cfg.registered_model_name} version {version}; "
+                  + (f"alias '{tracking_cfg.champion_alias}' moved to it" if promoted else
+                     f"alias '{tracking_cfg.champion_alias}' stays (a holder scores higher)"))
 
     predicted = logits.argmax(1).tolist()
     rows = ["actual,predicted"] + [f"{data.CLASS_NAMES[a]},{data.CLASS_NAMES[p]}"

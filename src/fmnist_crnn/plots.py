@@ -93,3 +93,46 @@ def scatter_figure(points: Mapping[str, tuple[float, float]], xlabel: str, ylabe
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
     return fig
+
+
+def images_figure(images: np.ndarray, titles: Sequence[str], cols: int = 8,
+                  size: float = 1.4) -> Figure:
+    """Grayscale images (N, H, W) in a grid, one title each."""
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.35)),
+                             constrained_layout=True, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, title in zip(axes.flat, images, titles, strict=False):
+        ax.imshow(image, cmap="gray")
+        ax.set_title(title, fontsize=7)
+    return fig
+
+
+def feature_maps_figure(maps: np.ndarray, title: str, max_maps: int = 32) -> Figure:
+    """The first ``max_maps`` channels (C, H, W) of one image's feature maps."""
+    maps = maps[:max_maps]
+    fig = images_figure(maps, [f"ch {i}" for i in range(len(maps))], cols=8, size=1.0)
+    fig.suptitle(title, fontsize=9)
+    return fig
+
+
+def sequence_heatmap_figure(sequence: np.ndarray, title: str) -> Figure:
+    """The LSTM output (T, hidden) as a heatmap: steps down, hidden units across."""
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.25 * sequence.shape[0]), constrained_layout=True)
+    image = ax.imshow(sequence, aspect="auto", cmap="coolwarm", vmin=-1, vmax=1)
+    fig.colorbar(image, ax=ax)
+    ax.set(title=title, xlabel="hidden unit", ylabel="step")
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    return fig
+
+
+def probabilities_figure(probabilities: np.ndarray, class_names: Sequence[str],
+                         title: str) -> Figure:
+    fig, ax = plt.subplots(figsize=(6, 3), constrained_layout=True)
+    ax.barh(list(class_names), probabilities, color="tab:blue")
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1), xlabel="probability", title=title)
+    return fig

@@ -154,7 +154,13 @@ def run_study(args: argparse.Namespace) -> Path:
     queue_study(study, variants, seeds, extra)
     _dvc("queue", "start", "-j", str(args.jobs))
     wait_for_queue()
-    return compare(study, Path(args.out))
+    failed = [line.split()[1] for line in _dvc("queue", "status").splitlines()
+              if re.search(r"\bFailed\b", line) and f" {study}-" in f" {line.split()[1]}"]
+    path = compare(study, Path(args.out))
+    if failed:
+        raise RuntimeError(f"{len(failed)} experiment(s) failed: {', '.join(failed)}; see "
+                           "`dvc queue logs <name>`. The comparison holds the others.")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

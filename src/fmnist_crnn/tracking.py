@@ -82,15 +82,18 @@ def configure(experiment_name: str) -> str:
 def _with_retries(uri: str, call: Any, attempts: int = 5) -> Any:
     """Call ``call``; retry briefly when a local SQLite store is busy.
 
-    Two queued experiments starting at once may both create the store's tables or write at the
-    same moment; SQLite then answers "database is locked" or "already exists" to one of them.
+    Two queued experiments running at once may both create the store's tables, or insert the
+    same dataset or registered model, at the same moment; MLflow checks, then inserts, so one
+    of them gets "database is locked", "already exists" or "UNIQUE constraint failed". Once
+    the other's write is in, the same call succeeds.
     """
     for attempt in range(attempts):
         try:
             return call()
         except Exception as exc:  # connection errors surface as several exception types
             text = str(exc)
-            busy = uri.startswith("sqlite") and ("locked" in text or "already exists" in text)
+            busy = uri.startswith("sqlite") and any(
+                s in text for s in ("locked", "already exists", "UNIQUE constraint failed"))
             if busy and attempt < attempts - 1:
                 time.sleep(0.5 + random.random() * (attempt + 1))
                 continue
@@ -171,6 +174,20 @@ def log_params(flat: Mapping[str, Any]) -> None:
     mlflow.log_params({key: _param_value(value) for key, value in flat.items()})
 
 
+def log_missing_params(flat: Mapping[str, Any]) -> None:
+    """Log the params the active run lacks. MLflow params cannot change: a value that differs
+    from the logged one (a later stage re-run with new settings) is recorded as a tag
+    ``changed.<key>`` instead."""
+    import mlflow
+
+    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    values = {key: _param_value(value) for key, value in flat.items()}
+    mlflow.log_params({k: v for k, v in values.items() if k not in logged})
+    changed = {f"changed.{k}": v for k, v in values.items() if k in logged and logged[k] != v}
+    if changed:
+        mlflow.set_tags(changed)
+
+
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
     import mlflow
 
@@ -197,7 +214,7 @@ def log_dataset(name: str, digest: str, source: str, context: str) -> None:
     from mlflow.data.sources import LocalArtifactDatasetSource
 
     dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
-    mlflow.log_input(dataset, context=context)
+    _with_retries(mlflow.get_tracking_uri(), lambda: mlflow.log_input(dataset, context=context))
 
 
 def log_confusion_matrix(cm: np.ndarray, class_names: list[str], prefix: str) -> None:
@@ -247,6 +264,26 @@ def log_model(model: Any, example: np.ndarray, name: str = "model") -> str:
         code_paths=[str(package_dir)],
     )
     return info.model_uri
+
+
+def register_and_promote(model_uri: str, name: str, alias: str,
+                         test_accuracy: float) -> tuple[str, bool]:
+    """Register the model as a new version of ``name``; move ``alias`` to it only when its
+    test accuracy beats the current holder's. Returns (version, promoted)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    version = _with_retries(mlflow.get_tracking_uri(), lambda: mlflow.register_model(
+        model_uri, name, tags={"test_accuracy": f"{test_accuracy:.6f}"})).version
+    try:
+        holder = client.get_model_version_by_alias(name, alias)
+        best = float(holder.tags.get("test_accuracy", "-inf"))
+    except mlflow.exceptions.MlflowException:  # no holder yet
+        best = float("-inf")
+    promoted = test_accuracy > best
+    if promoted:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version), promoted
 
 
 def _param_value(value: Any) -> str:

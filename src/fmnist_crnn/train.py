@@ -287,15 +287,17 @@ def run_training(
         checkpoint = {"model_config": to_dict(params)["model"],
                       "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()}}
         atomic_torch_save(checkpoint, model_path)
+        model_uri = None
         if params.tracking.log_model:
             example = data.to_float(val_data[0][:4]).numpy()
-            tracking.log_model(result.model, example)
+            model_uri = tracking.log_model(result.model, example)
             result.model.to(result.device)
 
         atomic_write_json(metrics_path, summary)
         write_history(history_path, result.history)
         atomic_write_json(run_path, {"run_id": run.info.run_id,
-                                     "experiment_id": run.info.experiment_id})
+                                     "experiment_id": run.info.experiment_id,
+                                     "model_uri": model_uri})
         result.extra = {"seconds": seconds, "summary": summary}
     return result
 

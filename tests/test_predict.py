@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fmnist_crnn import predict
+from fmnist_crnn.config import ModelConfig, to_dict
+from fmnist_crnn.config import Params as AllParams
+from fmnist_crnn.model import CRNN
+
+from .conftest import idx_bytes
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    torch.manual_seed(0)
+    cfg = ModelConfig(channels=(8, 8, 16), embedding_dim=16, hidden_dim=8, num_layers=1,
+                      head_dims=(8,))
+    model_cfg = to_dict(AllParams(model=cfg))["model"]
+    path = tmp_path / "model.pt"
+    torch.save({"model_config": model_cfg, "state_dict": CRNN(cfg).state_dict()}, path)
+    return path
+
+
+def test_light_background_colour_photo_becomes_fashion_mnist_style(tmp_path):
+    # A dark square on a white 300x150 RGB picture: inverted to a light object on black,
+    # fitted into 28x28 keeping the aspect ratio.
+    pixels = np.full((150, 300, 3), 255, dtype=np.uint8)
+    pixels[50:100, 100:200] = (20, 40, 60)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg")
+    image = predict.load_image(tmp_path / "photo.jpg")
+    assert image.shape == (28, 28) and image.dtype == np.uint8
+    assert image[0, 0] == 0  # background black
+    assert image[14, 14] > 180  # the object light
+    assert image[:7].max() == 0  # letterboxed: 2:1 picture keeps its aspect
+
+
+def test_dark_background_grey_png_is_kept(tmp_path):
+    pixels = np.zeros((56, 56), dtype=np.uint8)
+    pixels[10:46, 20:36] = 200
+    Image.fromarray(pixels).save(tmp_path / "grey.png")
+    image = predict.load_image(tmp_path / "grey.png")
+    assert image[0, 0] == 0 and image[14, 14] > 150
+
+
+def test_each_file_gets_an_answer_or_its_own_error(tmp_path, checkpoint, capsys):
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "idx").write_bytes(idx_bytes(np.zeros((3, 28, 28), dtype=np.uint8)))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG but not really")
+    (tmp_path / "labels").write_bytes(idx_bytes(np.zeros(5, dtype=np.uint8)))
+    code = predict.main([str(tmp_path / n) for n in ("ok.png", "broken.png", "idx", "labels",
+                                                     "missing.jpg")]
+                        + ["--checkpoint", str(checkpoint)])
+    out, err = capsys.readouterr()
+    assert code == 1
+    answers = out.strip().splitlines()
+    assert len(answers) == 4  # ok.png + three IDX images
+    assert answers[0].startswith(f"{tmp_path / 'ok.png'}: ") and "%" in answers[0]
+    assert answers[1].startswith(f"{tmp_path / 'idx'}[0]: ")
+    for bad in ("broken.png", "labels", "missing.jpg"):
+        assert f"{tmp_path / bad}: error:" in err
