@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def make_pipeline(tmp_path_factory):
             pytest.fail(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
         pytest.skip(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
     repo = tmp_path_factory.mktemp("pipeline")
-    for item in ("dvc.yaml", "stages", "src"):
+    for item in ("dvc.yaml", "stages", "src", "MLproject", "python_env.yaml"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -237,3 +238,20 @@ def test_experiment_variant_is_one_command_and_comparable(pipeline):
     assert len(runs) == 1 and runs[0].data.params["model.hidden_dim"] == "32"
     assert runs[0].info.run_name == "tiny-h32"
     assert "test_accuracy" in runs[0].data.metrics
+
+
+def test_mlproject_train_entry_logs_a_run(pipeline):
+    repo, env, _ = pipeline
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "before mlflow run", "--allow-empty"], repo, env)
+    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    out = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name",
+               "fashion-mnist-crnn", "-e", "train", "-P", "hidden_dim=24", "-P", "epochs=1"],
+              repo, env)
+    match = re.search(r"Run \(ID '([0-9a-f]+)'\) succeeded", out)
+    assert match, out[-2000:]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    logged = mlflow.get_run(match.group(1))
+    assert logged.data.params["model.hidden_dim"] == "24"
+    assert logged.data.params["train.epochs"] == "1"
+    assert "test_accuracy" in logged.data.metrics
