@@ -177,6 +177,16 @@ def test_model_is_registered_and_champion_set(pipeline):
     assert "alias 'champion' moved to it" in out
 
 
+def test_predict_from_the_registry_alias(pipeline):
+    repo, env, _ = pipeline
+    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    out = run([sys.executable, "-m", "fmnist_crnn.predict", "--model-uri",
+               "models:/fashion-mnist-crnn@champion", "data/raw/t10k-images-idx3-ubyte"],
+              repo, env)
+    lines = [x for x in out.splitlines() if x.startswith("data/raw/t10k-images-idx3-ubyte[")]
+    assert len(lines) == 10000 and lines[0].endswith("%)")
+
+
 def test_logged_model_serves_over_http(pipeline):
     import socket
     import time
