@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import statistics
 import subprocess
@@ -98,9 +99,12 @@ def variant_command(variant: Variant, extra: dict[str, Any] | None = None) -> st
 
 
 def _dvc(*args: str, capture: bool = True) -> str:
-    # The dvc of this interpreter's environment, whatever PATH says.
+    # The dvc of this interpreter's environment, whatever PATH says; `dvc queue start` spawns
+    # its workers as `dvc` from PATH, so put this environment's bin/ first there too.
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture,
-                          text=True)
+                          text=True, env=env)
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
         raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {detail}")
@@ -122,13 +126,21 @@ def queue_study(study: str, variants: list[Variant], seeds: list[int],
     return names
 
 
-def wait_for_queue(poll_s: float = 15.0) -> None:
-    """Block until no queued or running experiment is left."""
+def wait_for_queue(jobs: int, poll_s: float = 15.0) -> None:
+    """Block until no queued or running experiment is left.
+
+    Workers can exit with tasks still queued (a `dvc queue stop` issued earlier reaches the
+    next workers too): then start them again.
+    """
     while True:
         status = _dvc("queue", "status")
         active = [line for line in status.splitlines() if re.search(r"\b(Queued|Running)\b", line)]
         if not active:
             return
+        workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+        if workers and workers.groups() == ("0", "0"):
+            print("no queue worker is left; starting them again")
+            _dvc("queue", "start", "-j", str(jobs))
         print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running")
         time.sleep(poll_s)
 
@@ -153,7 +165,7 @@ def run_study(args: argparse.Namespace) -> Path:
     tracking.configure(load_params("params.yaml").tracking.experiment_name)
     queue_study(study, variants, seeds, extra)
     _dvc("queue", "start", "-j", str(args.jobs))
-    wait_for_queue()
+    wait_for_queue(args.jobs)
     failed = [line.split()[1] for line in _dvc("queue", "status").splitlines()
               if re.search(r"\bFailed\b", line) and f" {study}-" in f" {line.split()[1]}"]
     path = compare(study, Path(args.out))
