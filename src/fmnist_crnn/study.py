@@ -234,8 +234,10 @@ def _record(node: dict[str, Any], data: dict[str, Any]) -> dict[str, Any] | None
     }
 
 
-def val_histories(study: str, experiment_name: str) -> dict[str, list[list[float]]]:
-    """Per variant, the validation accuracy per epoch of each of its MLflow runs."""
+def val_histories(study: str, experiment_name: str,
+                  names: set[str]) -> dict[str, list[list[float]]]:
+    """Per variant, the validation accuracy per epoch of the MLflow run of each experiment in
+    ``names`` (the latest run of that name: an aborted earlier attempt may share it)."""
     import mlflow
 
     from fmnist_crnn import tracking
@@ -243,11 +245,15 @@ def val_histories(study: str, experiment_name: str) -> dict[str, list[list[float
     tracking.configure(experiment_name)
     client = mlflow.MlflowClient()
     runs = mlflow.search_runs(experiment_names=[experiment_name], output_format="list",
-                              filter_string=f"tags.study = '{study}'")
+                              filter_string=f"tags.study = '{study}'",
+                              order_by=["attributes.start_time DESC"])
     histories: dict[str, list[list[float]]] = defaultdict(list)
+    seen: set[str] = set()
     for run in runs:
-        if run.info.status != "FINISHED":
+        name = run.data.tags.get("dvc_exp_name")
+        if name not in names or name in seen or run.info.status != "FINISHED":
             continue
+        seen.add(name)
         points = sorted(client.get_metric_history(run.info.run_id, "val_acc"),
                         key=lambda m: (m.step, m.timestamp))
         by_step = {m.step: m.value for m in points}  # a resumed epoch logged twice counts once
@@ -316,13 +322,15 @@ def compare(study: str, out_dir: Path, experiment_name: str | None = None) -> Pa
     from fmnist_crnn.config import load_params
 
     experiment_name = experiment_name or load_params("params.yaml").tracking.experiment_name
-    records = collect_experiments(study, json.loads(_dvc("exp", "show", "--json")))
+    # --all-commits: a study queued on an earlier commit stays comparable after new commits.
+    records = collect_experiments(study, json.loads(_dvc("exp", "show", "--json",
+                                                         "--all-commits")))
     if not records:
         raise RuntimeError(f"no finished experiment of study '{study}' in `dvc exp show`")
     lines, summary = comparison_table(records)
     settings = sorted({(r["epochs"], r["limit"]) for r in records}, key=str)
     out_dir.mkdir(parents=True, exist_ok=True)
-    histories = val_histories(study, experiment_name)
+    histories = val_histories(study, experiment_name, {r["name"] for r in records})
     plots.save(plots.curves_by_group_figure(histories, "validation accuracy per epoch",
                                             "val accuracy"),
                out_dir / f"{study}_val_acc.png")
@@ -337,7 +345,7 @@ def compare(study: str, out_dir: Path, experiment_name: str | None = None) -> Pa
         "",
         f"Built by `python -m fmnist_crnn.study compare --study {study}` from `dvc exp show "
         f"--json` and the MLflow runs tagged `study={study}`. Settings (epochs, sample limit): "
-        f"{', '.join(f'{e} epochs, limit {lim}' for e, lim in settings)}. Mean ± standard "
+        f"{', '.join(_setting(e, lim) for e, lim in settings)}. Mean ± standard "
         "deviation over seeds; 'beyond seed noise' is Welch's t-test against the baseline at 5%.",
         "",
         *lines,
@@ -352,6 +360,10 @@ def compare(study: str, out_dir: Path, experiment_name: str | None = None) -> Pa
     atomic_write_json(out_dir / f"{study}.json", summary)
     print("\n".join(lines))
     return path
+
+
+def _setting(epochs: int, limit: int | None) -> str:
+    return f"{epochs} epochs, " + ("all images" if limit is None else f"first {limit} images")
 
 
 def main(argv: list[str] | None = None) -> None:
