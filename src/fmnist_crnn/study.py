@@ -151,7 +151,8 @@ def run_study(args: argparse.Namespace) -> Path:
 
     study = args.study or datetime.now(UTC).strftime("study-%Y%m%d-%H%M")
     variants = [VARIANTS[name] for name in args.variants]
-    base_seed = load_params("params.yaml").train.seed
+    base_seed = args.first_seed if args.first_seed is not None else load_params(
+        "params.yaml").train.seed
     seeds = [base_seed + i for i in range(args.seeds)]
     extra: dict[str, Any] = {}
     if args.epochs:
@@ -373,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
     run = sub.add_parser("run", help="queue the variants, run the queue, then compare")
     run.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     run.add_argument("--seeds", type=int, default=1, help="seeds per variant (train.seed + i)")
+    run.add_argument("--first-seed", type=int,
+                     help="first seed (default train.seed); to add seeds to an existing study")
     run.add_argument("--epochs", type=int, help="override train.epochs (cheap mode)")
     run.add_argument("--limit", type=int, help="override split.limit (cheap mode)")
     run.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
