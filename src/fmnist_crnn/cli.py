@@ -9,10 +9,6 @@ from collections.abc import Callable
 from fmnist_crnn.config import SECTIONS, ConfigError, Params, load_params
 
 
-class UserError(RuntimeError):
-    """Base for errors whose message tells the user what to fix (no traceback needed)."""
-
-
 def parser(description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--params", default="params.yaml", help="parameters file (params.yaml)")
@@ -54,8 +50,7 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
         params = load_params(args.params)
         view = params if set(sections) >= set(SECTIONS) else SectionView(params, sections)
         main(args, view)
-    except (ConfigError, DataError, CheckpointError, TrainingError, TrackingError,
-            UserError) as exc:
+    except (ConfigError, DataError, CheckpointError, TrainingError, TrackingError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -11,7 +11,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class FitResult:
     best_val_acc: float
     resumed_from_epoch: int = 0
     device: str = "cpu"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def seed_everything(seed: int) -> None:
@@ -256,7 +255,6 @@ def run_training(
         else:
             print(f"Resuming from epoch {resume['epoch']} of {params.train.epochs} "
                   f"(MLflow run {run.info.run_id})")
-        started = time.perf_counter()
         result = fit(
             params.model, params.train, train_data, val_data,
             checkpoint_path=checkpoint_path, resume=resume, fingerprint=fp,
@@ -264,7 +262,6 @@ def run_training(
             on_epoch=lambda r: tracking.log_metrics(
                 {k: v for k, v in r.items() if k != "epoch"}, step=int(r["epoch"])),
         )
-        seconds = time.perf_counter() - started
         tracking.log_environment(environment_info(result.device))
         tracking.set_tags({f"data.{name}_sha256": digest for name, digest in digests.items()})
 
@@ -298,7 +295,6 @@ def run_training(
         atomic_write_json(run_path, {"run_id": run.info.run_id,
                                      "experiment_id": run.info.experiment_id,
                                      "model_uri": model_uri})
-        result.extra = {"seconds": seconds, "summary": summary}
     return result
 
 
