@@ -5,7 +5,7 @@ from pathlib import Path
 from fmnist_crnn import cli, evaluate
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("train", "tracking")
+SECTIONS = ("train", "evaluate", "tracking")
 
 
 def main(args, params) -> None:
@@ -15,6 +15,7 @@ def main(args, params) -> None:
         predictions_path=Path(args.predictions), confusion_path=Path(args.confusion),
         batch_size=params.train.batch_size,
         tracking_cfg=params.tracking, device_name=params.train.device,
+        tta_hflip=params.evaluate.tta_hflip,
     )
 
 

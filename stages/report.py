@@ -7,7 +7,7 @@ from fmnist_crnn import cli, report, tracking
 from fmnist_crnn.config import to_flat_dict
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("data", "split", "model", "train", "tracking", "report")
+SECTIONS = ("data", "split", "model", "train", "augment", "evaluate", "tracking", "report")
 
 
 def main(args, params) -> None:

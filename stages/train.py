@@ -5,7 +5,7 @@ from pathlib import Path
 from fmnist_crnn import cli, train
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("data", "split", "model", "train", "tracking")
+SECTIONS = ("data", "split", "model", "train", "augment", "tracking")
 
 
 def main(args, params) -> None:

@@ -63,9 +63,14 @@ class ModelConfig:
     padding: Literal["auto"] | tuple[int, ...] = "auto"
     pool: tuple[bool, ...] = (True, True, True)
     dropout: tuple[float, ...] = (0.25, 0.25, 0.25)
+    # How the last feature map (C, H, W) becomes the LSTM's sequence. "chunk" is the study's:
+    # flatten C*H*W and cut it into steps of embedding_dim. "rows" reads the H rows (steps of
+    # C*W features), "columns" the W columns (steps of C*H); embedding_dim is unused by both.
+    sequence: Literal["chunk", "rows", "columns"] = "chunk"
     embedding_dim: int = 64
     hidden_dim: int = 128
     num_layers: int = 3
+    bidirectional: bool = False
     head_dims: tuple[int, ...] = (128, 64)
     # The study's Dropout before the last linear layer was commented out: 0 keeps it off.
     head_dropout: float = 0.0
@@ -114,8 +119,19 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 64
     optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: float = 0.001
+    lr: float = 0.001  # the peak learning rate when a schedule is set
     weight_decay: float = 0.0
+    # Learning-rate schedule, stepped every batch: "none" keeps lr, "cosine" decays it to 0,
+    # "onecycle" is torch's OneCycleLR (it rises for warmup_epochs, then anneals).
+    schedule: Literal["none", "cosine", "onecycle"] = "none"
+    warmup_epochs: float = 0.0  # linear warmup from lr/25 (none, cosine), or one-cycle's rise
+    label_smoothing: float = 0.0
+    grad_clip_norm: float | None = None  # clip the global gradient norm (the LSTM's guard)
+    # Exponential moving average of the weights (e.g. 0.999): validation, the kept weights and
+    # the logged model all use the average; null trains without one.
+    ema_decay: float | None = None
+    amp: bool = False  # automatic mixed precision (float16 + GradScaler) on CUDA; CPU: float32
+    channels_last: bool = False  # NHWC memory layout for the convolutions (faster on CPU)
     # "auto" picks CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Torch intra-op threads; 0 leaves torch's default (one per core).
@@ -127,6 +143,39 @@ class TrainConfig:
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
         _check(self.num_threads >= 0, "train.num_threads", self.num_threads, "an integer >= 0")
+        _check(0 <= self.warmup_epochs <= self.epochs, "train.warmup_epochs", self.warmup_epochs,
+               f"a number of epochs in [0, train.epochs={self.epochs}]")
+        _check(self.schedule != "onecycle" or 0 < self.warmup_epochs < self.epochs,
+               "train.warmup_epochs", self.warmup_epochs,
+               f"a number in (0, train.epochs={self.epochs}) with train.schedule onecycle "
+               "(the epochs its learning rate rises)")
+        _check(0 <= self.label_smoothing < 1, "train.label_smoothing", self.label_smoothing,
+               "a number in [0, 1)")
+        _check(self.grad_clip_norm is None or self.grad_clip_norm > 0, "train.grad_clip_norm",
+               self.grad_clip_norm, "null or a number > 0")
+        _check(self.ema_decay is None or 0 < self.ema_decay < 1, "train.ema_decay",
+               self.ema_decay, "null or a number in (0, 1)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation, applied to whole batches of tensors with the run's seed."""
+
+    crop_padding: int = 0  # random crop of the image padded by this many (black) pixels
+    hflip: bool = False  # mirror half the images left-right (never upside down)
+    erasing: float = 0.0  # probability of erasing a random rectangle (RandomErasing's ranges)
+
+    def __post_init__(self) -> None:
+        _check(self.crop_padding >= 0, "augment.crop_padding", self.crop_padding,
+               "an integer >= 0")
+        _check(0 <= self.erasing <= 1, "augment.erasing", self.erasing,
+               "a probability in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    # Test-time augmentation: average the logits of each test image and its mirror image.
+    tta_hflip: bool = False
 
 
 @dataclass(frozen=True)
@@ -166,6 +215,8 @@ class Params:
     split: SplitConfig = field(default_factory=SplitConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
 
@@ -175,6 +226,8 @@ SECTIONS: dict[str, type] = {
     "split": SplitConfig,
     "model": ModelConfig,
     "train": TrainConfig,
+    "augment": AugmentConfig,
+    "evaluate": EvaluateConfig,
     "tracking": TrackingConfig,
     "report": ReportConfig,
 }

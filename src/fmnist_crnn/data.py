@@ -1,4 +1,5 @@
-"""Fashion-MNIST: sources and content digests, IDX reading, the split, in-memory batches."""
+"""Fashion-MNIST: sources and content digests, IDX reading, the split, in-memory batches and
+batch augmentation."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 from sklearn.model_selection import train_test_split
 from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
-from fmnist_crnn.config import DataConfig, SplitConfig
+from fmnist_crnn.config import AugmentConfig, DataConfig, SplitConfig
 from fmnist_crnn.files import atomic_torch_save
 
 CLASS_NAMES = (
@@ -258,3 +259,54 @@ def batches(
 
 def num_batches(n: int, batch_size: int) -> int:
     return (n + batch_size - 1) // batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Batch augmentation: every image of a batch gets its own random draw, all from ``generator``
+# (so a seeded run is repeatable and resumable), on whole tensors rather than per-sample PIL.
+
+ERASE_SCALE = (0.02, 0.33)  # torchvision RandomErasing's defaults: area fraction ...
+ERASE_RATIO = (0.3, 3.3)  # ... and aspect ratio of the erased rectangle
+
+
+def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding, horizontal flip, random erasing on float (B, C, H, W)."""
+    if cfg.crop_padding:
+        x = random_crop(x, cfg.crop_padding, generator)
+    if cfg.hflip:
+        flip = torch.rand(len(x), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if cfg.erasing:
+        x = random_erasing(x, cfg.erasing, generator)
+    return x
+
+
+def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
+    """Shift each image by up to ``padding`` pixels each way; uncovered pixels are 0 (black)."""
+    b, _, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (padding, padding, padding, padding))
+    top = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    left = torch.randint(0, 2 * padding + 1, (b,), generator=generator)
+    rows = (top[:, None] + torch.arange(h))[:, :, None]  # (B, H, 1)
+    cols = (left[:, None] + torch.arange(w))[:, None, :]  # (B, 1, W)
+    # Advanced indexing puts the indexed dims first: (B, H, W, C) -> (B, C, H, W).
+    return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+
+
+def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """With probability ``p`` per image, set a random rectangle to 0 (RandomErasing's ranges)."""
+    b, _, h, w = x.shape
+    apply = torch.rand(b, generator=generator) < p
+    area = torch.empty(b).uniform_(*ERASE_SCALE, generator=generator) * (h * w)
+    log_ratio = torch.empty(b).uniform_(*np.log(ERASE_RATIO), generator=generator)
+    ratio = log_ratio.exp()
+    eh = (area * ratio).sqrt().round().clamp(1, h).long()
+    ew = (area / ratio).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(b, generator=generator) * (h - eh + 1)).long()
+    left = (torch.rand(b, generator=generator) * (w - ew + 1)).long()
+    ys = torch.arange(h)[None, :, None]
+    xs = torch.arange(w)[None, None, :]
+    mask = ((ys >= top[:, None, None]) & (ys < (top + eh)[:, None, None])
+            & (xs >= left[:, None, None]) & (xs < (left + ew)[:, None, None])
+            & apply[:, None, None])
+    return x.masked_fill(mask[:, None], 0.0)

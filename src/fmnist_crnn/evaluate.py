@@ -29,8 +29,12 @@ class CheckpointError(RuntimeError):
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
-                   device: torch.device, desc: str | None = None) -> torch.Tensor:
-    """Logits (N, classes) on the CPU for uint8 images (N, 28, 28), in order."""
+                   device: torch.device, desc: str | None = None,
+                   tta_hflip: bool = False) -> torch.Tensor:
+    """Logits (N, classes) on the CPU for uint8 images (N, 28, 28), in order.
+
+    ``tta_hflip``: test-time augmentation, the mean of the logits of each image and its mirror.
+    """
     model.eval()
     chunks = []
     stream = data.batches(images, torch.zeros(len(images), dtype=torch.long), batch_size)
@@ -38,7 +42,11 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
         stream = tqdm(stream, desc=desc, total=data.num_batches(len(images), batch_size),
                       unit="batch", dynamic_ncols=True)
     for x, _ in stream:
-        chunks.append(model(x.to(device, non_blocking=True)).float().cpu())
+        x = x.to(device, non_blocking=True)
+        logits = model(x).float()
+        if tta_hflip:
+            logits = (logits + model(x.flip(-1)).float()) / 2
+        chunks.append(logits.cpu())
     return torch.cat(chunks) if chunks else torch.empty(0, model.cfg.num_classes)
 
 
@@ -99,13 +107,25 @@ def run_evaluation(
     batch_size: int,
     tracking_cfg: TrackingConfig,
     device_name: str = "auto",
+    tta_hflip: bool = False,
 ) -> dict[str, Any]:
-    """The evaluate stage: the test set, once; metrics to files and to the training's run."""
+    """The evaluate stage: the test set, once; metrics to files and to the training's run.
+
+    With ``tta_hflip`` the headline metrics use test-time flips; ``accuracy_without_tta`` (same
+    model, same pass over the test set) shows what they add.
+    """
     device = select_device(device_name)
     model = load_checkpoint(model_path, device)
     images, labels = data.load_split(split_dir, "test")
     logits = predict_logits(model, images, batch_size, device, desc="Inference")
+    plain_accuracy = None
+    if tta_hflip:
+        plain_accuracy = float((logits.argmax(1) == labels).float().mean())
+        mirrored = predict_logits(model, images.flip(-1), batch_size, device)
+        logits = (logits + mirrored) / 2
     metrics = classification_metrics(logits, labels)
+    if plain_accuracy is not None:
+        metrics["accuracy_without_tta"] = plain_accuracy
     print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
     cm = confusion(logits, labels)
 

@@ -20,6 +20,7 @@ class Plan:
 
     block_shapes: tuple[tuple[int, int, int], ...]
     seq_len: int
+    step_size: int  # the LSTM's input size
     head_in: int
 
 
@@ -45,16 +46,22 @@ def plan(cfg: ModelConfig) -> Plan:
                 "in this block or keep more resolution earlier."
             )
         shapes.append((c, h, w))
-    flat = shapes[-1][0] * shapes[-1][1] * shapes[-1][2]
-    if flat % cfg.embedding_dim:
-        c, h, w = shapes[-1]
-        raise ConfigError(
-            f"the last conv block outputs C*H*W = {c}*{h}*{w} = {flat} features, which "
-            f"model.embedding_dim={cfg.embedding_dim} does not divide; choose an embedding_dim "
-            f"that divides {flat}."
-        )
-    seq_len = flat // cfg.embedding_dim
-    return Plan(tuple(shapes), seq_len, seq_len * cfg.hidden_dim)
+    c, h, w = shapes[-1]
+    if cfg.sequence == "rows":
+        seq_len, step = h, c * w
+    elif cfg.sequence == "columns":
+        seq_len, step = w, c * h
+    else:
+        flat = c * h * w
+        if flat % cfg.embedding_dim:
+            raise ConfigError(
+                f"the last conv block outputs C*H*W = {c}*{h}*{w} = {flat} features, which "
+                f"model.embedding_dim={cfg.embedding_dim} does not divide; choose an "
+                f"embedding_dim that divides {flat}, or another model.sequence."
+            )
+        seq_len, step = flat // cfg.embedding_dim, cfg.embedding_dim
+    directions = 2 if cfg.bidirectional else 1
+    return Plan(tuple(shapes), seq_len, step, seq_len * cfg.hidden_dim * directions)
 
 
 class CRNN(nn.Module):
@@ -82,8 +89,8 @@ class CRNN(nn.Module):
             blocks.append(nn.Sequential(*layers))
             in_ch = c
         self.blocks = nn.ModuleList(blocks)
-        self.lstm = nn.LSTM(cfg.embedding_dim, cfg.hidden_dim, num_layers=cfg.num_layers,
-                            batch_first=True)
+        self.lstm = nn.LSTM(self.plan.step_size, cfg.hidden_dim, num_layers=cfg.num_layers,
+                            batch_first=True, bidirectional=cfg.bidirectional)
         head: list[nn.Module] = [nn.Flatten()]
         width = self.plan.head_in
         for i, dim in enumerate(cfg.head_dims):
@@ -104,9 +111,14 @@ class CRNN(nn.Module):
         return outputs
 
     def sequence(self, fmap: torch.Tensor) -> torch.Tensor:
-        # (B, C, H, W) -> (B, T, E) with T = C*H*W / E: the study's flatten-and-chunk reshape.
-        seq = fmap.reshape(fmap.shape[0], self.plan.seq_len, self.cfg.embedding_dim)
-        out, _ = self.lstm(seq)  # (B, T, E) -> (B, T, hidden)
+        b = fmap.shape[0]
+        if self.cfg.sequence == "rows":  # (B, C, H, W) -> (B, H, C*W)
+            fmap = fmap.permute(0, 2, 1, 3)
+        elif self.cfg.sequence == "columns":  # (B, C, H, W) -> (B, W, C*H)
+            fmap = fmap.permute(0, 3, 1, 2)
+        # "chunk", the study's reshape: (B, C, H, W) -> (B, C*H*W / E, E)
+        seq = fmap.reshape(b, self.plan.seq_len, self.plan.step_size)
+        out, _ = self.lstm(seq)  # (B, T, step) -> (B, T, hidden * directions)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -86,7 +86,8 @@ def build_report(
                                                    "Test confusion (row-normalised)",
                                                    normalize=True),
                             "confusion_matrix_normalized.png")
-    mistakes = figure(mistakes_figure(model, split_dir, params.report.mistakes),
+    mistakes = figure(mistakes_figure(model, split_dir, params.report.mistakes,
+                                     params.evaluate.tta_hflip),
                       "confident_mistakes.png")
     images, labels = data.load_split(split_dir, "train")
     idx = torch.tensor(params.report.inspect_indices)
@@ -145,9 +146,10 @@ def build_report(
 
 
 @torch.no_grad()
-def mistakes_figure(model, split_dir: Path, count: int):
+def mistakes_figure(model, split_dir: Path, count: int, tta_hflip: bool = False):
     images, labels = data.load_split(split_dir, "test")
-    probs = torch.softmax(predict_logits(model, images, 500, torch.device("cpu")), dim=1)
+    logits = predict_logits(model, images, 500, torch.device("cpu"), tta_hflip=tta_hflip)
+    probs = torch.softmax(logits, dim=1)
     confidence, predicted = probs.max(dim=1)
     wrong = (predicted != labels).nonzero().flatten()
     worst = wrong[confidence[wrong].argsort(descending=True)][:count]

@@ -7,6 +7,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import random
 import time
@@ -18,10 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from fmnist_crnn import data, tracking
-from fmnist_crnn.config import ModelConfig, Params, TrainConfig, to_dict, to_flat_dict
+from fmnist_crnn.config import (
+    AugmentConfig,
+    ModelConfig,
+    Params,
+    TrainConfig,
+    to_dict,
+    to_flat_dict,
+)
 from fmnist_crnn.evaluate import classification_metrics, confusion, predict_logits
 from fmnist_crnn.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from fmnist_crnn.model import CRNN, count_parameters, select_device
@@ -43,6 +52,8 @@ class FitResult:
     best_val_acc: float
     resumed_from_epoch: int = 0
     device: str = "cpu"
+    # With an EMA of the weights: the trained (not averaged) weights after the last epoch.
+    last_raw: CRNN | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -68,9 +79,32 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
                            weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """The learning-rate schedule, stepped after every batch; None keeps lr constant."""
+    total = cfg.epochs * steps_per_epoch
+    if cfg.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_epochs / cfg.epochs)
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "none" and warmup == 0:
+        return None
+    start = 1 / 25  # OneCycleLR's default div_factor: warmup starts at lr/25
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return start + (1 - start) * step / warmup
+        if cfg.schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def fingerprint(params: Params, data_digest: str) -> str:
     """Identifies what a checkpoint was trained on and with, so only a matching run resumes."""
-    relevant = {k: v for k, v in to_dict(params).items() if k in ("split", "model", "train")}
+    relevant = {k: v for k, v in to_dict(params).items()
+                if k in ("split", "model", "train", "augment")}
     payload = json.dumps({"params": relevant, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -100,6 +134,7 @@ def fit(
     cfg: TrainConfig,
     train_data: Dataset,
     val_data: Dataset,
+    augment: AugmentConfig | None = None,
     *,
     checkpoint_path: Path | None = None,
     resume: dict[str, Any] | None = None,
@@ -118,8 +153,16 @@ def fit(
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = select_device(cfg.device)
-    model = CRNN(model_cfg).to(device)
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = CRNN(model_cfg).to(device, memory_format=memory_format)
     optimizer = make_optimizer(model, cfg)
+    steps = data.num_batches(len(train_data[1]), cfg.batch_size)
+    scheduler = make_scheduler(optimizer, cfg, steps)
+    # The average's batch-norm statistics are averaged too (use_buffers).
+    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
+                         use_buffers=True) if cfg.ema_decay else None)
+    amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     generator = torch.Generator().manual_seed(cfg.seed)
     history: list[dict[str, float]] = []
     best_state = copy.deepcopy(model.state_dict())
@@ -128,6 +171,11 @@ def fit(
     if resume is not None:
         model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(resume["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(resume["ema"])
+        scaler.load_state_dict(resume["scaler"])
         generator.set_state(resume["generator"])
         torch.set_rng_state(resume["torch_rng"])
         if device.type == "cuda" and resume.get("cuda_rng") is not None:
@@ -139,7 +187,7 @@ def fit(
 
     train_x, train_y = train_data
     val_x, val_y = val_data
-    steps = data.num_batches(len(train_y), cfg.batch_size)
+    evaluated = ema.module if ema is not None else model  # what validation sees and we keep
     epochs = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="Epochs", unit="epoch",
                   initial=start_epoch, total=cfg.epochs, disable=not progress,
                   dynamic_ncols=True)
@@ -151,25 +199,37 @@ def fit(
                    desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not progress, dynamic_ncols=True, mininterval=1.0)
         for step, (x, y) in enumerate(bar):
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if augment is not None:
+                x = data.augment_batch(x, augment, generator)
+            x = x.to(device, memory_format=memory_format, non_blocking=True)
+            y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingError(
                     f"loss became {loss.item()} at epoch {epoch}, batch {step + 1}; training "
                     f"stopped. The last good state (epoch {epoch - 1}) is kept in "
                     f"{checkpoint_path}. Lower train.lr (now {cfg.lr}) and run again."
                 )
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            if cfg.grad_clip_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            if scheduler is not None:
+                scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
             seen += len(y)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
 
-        val_logits = predict_logits(model, val_x, cfg.batch_size, device)
+        val_logits = predict_logits(evaluated, val_x, cfg.batch_size, device)
         val_loss = F.cross_entropy(val_logits, val_y).item()
         val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
         record = {
@@ -184,7 +244,7 @@ def fit(
         history.append(record)
         if val_acc > best_val_acc:
             best_val_acc, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
                            val_acc=f"{val_acc:.2%}")
         # Log before checkpointing: a crash in between repeats this epoch (same numbers, same
@@ -198,6 +258,9 @@ def fit(
                 "epochs": cfg.epochs,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "ema": ema.state_dict() if ema is not None else None,
+                "scaler": scaler.state_dict(),
                 "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
@@ -208,8 +271,10 @@ def fit(
                 "run_id": run_id,
             }, checkpoint_path)
 
+    last_raw = copy.deepcopy(model) if ema is not None else None
     model.load_state_dict(best_state)
-    return FitResult(model, history, best_epoch, best_val_acc, start_epoch, str(device))
+    return FitResult(model, history, best_epoch, best_val_acc, start_epoch, str(device),
+                     last_raw)
 
 
 def environment_info(device: str) -> dict[str, Any]:
@@ -256,7 +321,7 @@ def run_training(
             print(f"Resuming from epoch {resume['epoch']} of {params.train.epochs} "
                   f"(MLflow run {run.info.run_id})")
         result = fit(
-            params.model, params.train, train_data, val_data,
+            params.model, params.train, train_data, val_data, params.augment,
             checkpoint_path=checkpoint_path, resume=resume, fingerprint=fp,
             run_id=run.info.run_id,
             on_epoch=lambda r: tracking.log_metrics(
@@ -265,9 +330,17 @@ def run_training(
         tracking.log_environment(environment_info(result.device))
         tracking.set_tags({f"data.{name}_sha256": digest for name, digest in digests.items()})
 
-        val_logits = predict_logits(result.model, val_data[0], params.train.batch_size,
-                                    torch.device(result.device))
+        device = torch.device(result.device)
+        batch = params.train.batch_size
+        val_logits = predict_logits(result.model, val_data[0], batch, device)
         val_metrics = classification_metrics(val_logits, val_data[1])
+        # What test-time flips and the weight average add, measured on validation, so choices
+        # never need the test set.
+        tta_logits = predict_logits(result.model, val_data[0], batch, device, tta_hflip=True)
+        extra = {"val_acc_hflip_tta": _accuracy(tta_logits, val_data[1])}
+        if result.last_raw is not None:
+            raw_logits = predict_logits(result.last_raw, val_data[0], batch, device)
+            extra["val_acc_last_without_ema"] = _accuracy(raw_logits, val_data[1])
         tracking.log_confusion_matrix(confusion(val_logits, val_data[1]),
                                       list(data.CLASS_NAMES), "val")
         summary = {
@@ -277,9 +350,13 @@ def run_training(
             "val_macro_f1": val_metrics["macro_f1"],
             "epochs": len(result.history),
             "train_seconds": sum(r["epoch_seconds"] for r in result.history),
+            **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
+               for t in MILESTONES},
             "params_count": count_parameters(result.model),
+            **extra,
         }
-        tracking.log_metrics({k: v for k, v in summary.items() if k != "epochs"})
+        tracking.log_metrics({k: v for k, v in summary.items()
+                              if k != "epochs" and v is not None})
 
         checkpoint = {"model_config": to_dict(params)["model"],
                       "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()}}
@@ -296,6 +373,23 @@ def run_training(
                                      "experiment_id": run.info.experiment_id,
                                      "model_uri": model_uri})
     return result
+
+
+MILESTONES = (0.90, 0.93)  # validation accuracies whose time-to-reach train.json records
+
+
+def seconds_to_accuracy(history: list[dict[str, float]], target: float) -> float | None:
+    """Training seconds (validation included) until val_acc first reaches ``target``."""
+    elapsed = 0.0
+    for record in history:
+        elapsed += record["epoch_seconds"]
+        if record["val_acc"] >= target:
+            return elapsed
+    return None
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float((logits.argmax(1) == labels).float().mean())
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
