@@ -38,12 +38,40 @@ def test_repository_params_are_the_study_baseline():
     ("train", "epochs", 2.5, "'train.epochs'"),
     ("split", "val_fraction", 1.0, "'split.val_fraction'"),
     ("split", "stratify", "yes", "'split.stratify'"),
+    ("model", "sequence", "diagonal", "'model.sequence'"),
+    ("train", "schedule", "step", "'train.schedule'"),
+    ("train", "warmup_epochs", 30, "'train.warmup_epochs'"),
+    ("train", "label_smoothing", 1.0, "'train.label_smoothing'"),
+    ("train", "grad_clip_norm", 0, "'train.grad_clip_norm'"),
+    ("train", "ema_decay", 1.0, "'train.ema_decay'"),
+    ("augment", "erasing", 1.5, "'augment.erasing'"),
+    ("augment", "crop_padding", -1, "'augment.crop_padding'"),
+    ("augment", "vflip", True, "unknown key 'augment.vflip'"),
+    ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
 ])
 def test_bad_values_name_the_key(section, key, value, fragment):
     raw = raw_params()
     raw[section][key] = value
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace("'", "'")):
         params_from_dict(raw)
+
+
+def test_onecycle_needs_its_rising_phase():
+    raw = raw_params()
+    raw["train"].update(schedule="onecycle", warmup_epochs=0)
+    with pytest.raises(ConfigError, match="train.warmup_epochs.*onecycle"):
+        params_from_dict(raw)
+    raw["train"]["warmup_epochs"] = 2
+    assert params_from_dict(raw).train.schedule == "onecycle"
+
+
+def test_default_training_knobs_are_the_study_behaviour():
+    p = load_params(REPO / "params.yaml")
+    assert (p.train.schedule, p.train.warmup_epochs, p.train.label_smoothing) == ("none", 0, 0)
+    assert (p.train.grad_clip_norm, p.train.ema_decay, p.train.amp) == (None, None, False)
+    assert (p.augment.crop_padding, p.augment.hflip, p.augment.erasing) == (0, False, 0)
+    assert (p.model.sequence, p.model.bidirectional, p.evaluate.tta_hflip) == (
+        "chunk", False, False)
 
 
 def test_unknown_and_missing_sections_are_errors():

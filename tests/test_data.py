@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from fmnist_crnn import data
-from fmnist_crnn.config import DataConfig, SplitConfig
+from fmnist_crnn.config import AugmentConfig, DataConfig, SplitConfig
 
 from .conftest import idx_bytes, synthetic_arrays
 
@@ -156,3 +156,61 @@ def test_batches_cover_every_image_once_in_seeded_order():
     x, y = next(data.batches(images, labels, 4))
     assert x.shape == (4, 1, 28, 28) and x.dtype == torch.float32
     assert torch.allclose(x[:, 0, 0, 0], y.float() / 255)
+
+
+# Batch augmentation ---------------------------------------------------------------------------
+
+def _dot_batch(n=64):
+    """Black images with one white pixel at (row 5, column 9): easy to follow."""
+    x = torch.zeros(n, 1, 28, 28)
+    x[:, 0, 5, 9] = 1.0
+    return x
+
+
+def test_augmentation_is_seeded_and_per_image():
+    cfg = AugmentConfig(crop_padding=3, hflip=True, erasing=0.5)
+    x = torch.rand(32, 1, 28, 28)
+    a = data.augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    b = data.augment_batch(x, cfg, torch.Generator().manual_seed(1))
+    c = data.augment_batch(x, cfg, torch.Generator().manual_seed(2))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(img.flatten()[:50].tolist()) for img in a}) > 1  # not one draw for all
+
+
+def test_default_augmentation_changes_nothing():
+    x = torch.rand(8, 1, 28, 28)
+    assert torch.equal(data.augment_batch(x, AugmentConfig(), torch.Generator()), x)
+
+
+def test_random_crop_shifts_each_image_within_the_padding():
+    out = data.random_crop(_dot_batch(), 2, torch.Generator().manual_seed(0))
+    positions = out[:, 0].flatten(1).argmax(1)
+    rows, cols = positions // 28, positions % 28
+    assert torch.equal(out.sum(dim=(1, 2, 3)), torch.ones(64))  # the dot is moved, not lost
+    assert ((rows - 5).abs() <= 2).all() and ((cols - 9).abs() <= 2).all()
+    assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5
+
+
+def test_flip_is_horizontal_only_and_about_half_the_batch():
+    out = data.augment_batch(_dot_batch(200), AugmentConfig(hflip=True),
+                             torch.Generator().manual_seed(0))
+    positions = out[:, 0].flatten(1).argmax(1)
+    rows, cols = positions // 28, positions % 28
+    assert (rows == 5).all()  # never upside down
+    assert set(cols.tolist()) == {9, 18}
+    assert 60 < (cols == 18).sum() < 140
+
+
+def test_random_erasing_blanks_one_rectangle_with_probability_p():
+    x = torch.ones(400, 1, 28, 28)
+    out = data.random_erasing(x, 0.5, torch.Generator().manual_seed(0))
+    erased = (out == 0).flatten(1).sum(1)
+    touched = erased > 0
+    assert 150 < touched.sum() < 250
+    fractions = erased[touched].float() / (28 * 28)
+    assert fractions.min() > 0.005 and fractions.max() < 0.5
+    for img in out[touched][:20, 0]:  # the zeros form one axis-aligned rectangle
+        rows = (img == 0).any(1).nonzero().flatten()
+        cols = (img == 0).any(0).nonzero().flatten()
+        box = img[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        assert (box == 0).all() and (img == 0).sum() == box.numel()

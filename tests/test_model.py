@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -85,3 +87,31 @@ def test_pooling_to_nothing_is_an_error():
 def test_embedding_dim_must_divide_the_flattened_size():
     with pytest.raises(ConfigError, match=r"128\*2\*2 = 512.*embedding_dim=60"):
         plan(ModelConfig(embedding_dim=60))
+
+
+ROWS = ModelConfig(channels=(8, 16), kernel_sizes=(3, 3), strides=(1, 1), pool=(True, True),
+                   dropout=(0.0, 0.0), sequence="rows", hidden_dim=12, num_layers=1,
+                   head_dims=())
+
+
+@pytest.mark.parametrize(("sequence", "bidirectional", "steps", "step_size", "width"), [
+    ("rows", False, 7, 16 * 7, 12),
+    ("columns", True, 7, 16 * 7, 24),
+])
+def test_rows_and_columns_read_the_feature_map_as_a_sequence(sequence, bidirectional, steps,
+                                                             step_size, width):
+    cfg = dataclasses.replace(ROWS, sequence=sequence, bidirectional=bidirectional)
+    p = plan(cfg)
+    assert (p.seq_len, p.step_size, p.head_in) == (steps, step_size, steps * width)
+    rows = dict(shape_table(cfg, batch_size=2))
+    assert rows["lstm"] == [2, steps, width] and rows["head"] == [2, 10]
+
+
+def test_rows_sequence_steps_are_the_feature_map_rows():
+    model = CRNN(ROWS).eval()
+    fmap = torch.randn(2, 16, 7, 7)
+    seen = {}
+    model.lstm.register_forward_hook(lambda m, args, out: seen.setdefault("x", args[0]))
+    model.sequence(fmap)
+    # Step t holds row t of every channel: (C, W) flattened channel-major.
+    assert torch.equal(seen["x"][:, 3], fmap[:, :, 3, :].reshape(2, -1))

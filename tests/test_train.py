@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fmnist_crnn import data, train
-from fmnist_crnn.config import ModelConfig, SplitConfig, TrainConfig
+from fmnist_crnn.config import AugmentConfig, ModelConfig, SplitConfig, TrainConfig
 
 SMALL = ModelConfig(channels=(8, 16, 32), embedding_dim=16, hidden_dim=16, num_layers=1,
                     head_dims=(16,))
@@ -93,3 +93,115 @@ def test_history_csv_round_trip(tmp_path):
              "lr": 0.001, "epoch_seconds": 1.5}]
     train.write_history(tmp_path / "h.csv", rows)
     assert train.read_history(tmp_path / "h.csv") == rows
+
+
+# The recipe's knobs ---------------------------------------------------------------------------
+
+RECIPE = TrainConfig(epochs=3, batch_size=16, seed=5, optimizer="adamw", lr=0.003,
+                     weight_decay=0.05, schedule="onecycle", warmup_epochs=1,
+                     label_smoothing=0.1, grad_clip_norm=1.0, ema_decay=0.9, channels_last=True)
+AUGMENT = AugmentConfig(crop_padding=2, hflip=True, erasing=0.5)
+
+
+def _lrs(cfg, steps_per_epoch=10):
+    model = torch.nn.Linear(2, 2)
+    opt = train.make_optimizer(model, cfg)
+    sched = train.make_scheduler(opt, cfg, steps_per_epoch)
+    lrs = []
+    for _ in range(cfg.epochs * steps_per_epoch):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        if sched is not None:
+            sched.step()
+    return lrs
+
+
+def test_schedules_warm_up_peak_at_lr_and_anneal():
+    assert train.make_scheduler(torch.optim.SGD([torch.zeros(1)], lr=1), FAST, 10) is None
+    assert set(_lrs(FAST)) == {FAST.lr}
+    cosine = _lrs(TrainConfig(epochs=4, lr=0.01, schedule="cosine", warmup_epochs=1))
+    assert cosine[0] == pytest.approx(0.01 / 25) and max(cosine) == pytest.approx(0.01)
+    assert cosine.index(max(cosine)) == 10 and cosine[-1] < 0.0002
+    assert all(a >= b for a, b in zip(cosine[10:], cosine[11:], strict=False))
+    onecycle = _lrs(TrainConfig(epochs=4, lr=0.01, schedule="onecycle", warmup_epochs=1))
+    assert max(onecycle) == pytest.approx(0.01, rel=1e-3) and onecycle.index(max(onecycle)) <= 10
+    assert onecycle[0] < 0.001 and onecycle[-1] < 1e-5
+    warm = _lrs(TrainConfig(epochs=2, lr=0.01, warmup_epochs=1))
+    assert warm[0] == pytest.approx(0.0004) and warm[10:] == [0.01] * 10
+
+
+def test_recipe_knobs_train_repeatably_and_resume_exactly(splits, tmp_path):
+    full = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
+    again = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
+    assert [r["val_loss"] for r in full.history] == [r["val_loss"] for r in again.history]
+    assert full.last_raw is not None  # with an EMA the trained weights stay at hand
+    assert any(not torch.equal(a, b) for a, b in zip(
+        full.model.state_dict().values(), full.last_raw.state_dict().values(), strict=True))
+
+    ckpt = tmp_path / "last.pt"
+
+    def crash_in_epoch_3(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(SMALL, RECIPE, *splits, AUGMENT, checkpoint_path=ckpt, fingerprint="fp",
+                  on_epoch=crash_in_epoch_3, progress=False)
+    resumed = train.fit(SMALL, RECIPE, *splits, AUGMENT, checkpoint_path=ckpt,
+                        fingerprint="fp", resume=train.load_resume_state(ckpt, "fp"),
+                        progress=False)
+    assert resumed.resumed_from_epoch == 2
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
+    wa, wb = weights(full.model), weights(resumed.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_each_knob_changes_the_training(splits):
+    import dataclasses
+
+    base = TrainConfig(epochs=1, batch_size=16, seed=5)
+    reference = train.fit(SMALL, base, *splits, progress=False).history[0]["train_loss"]
+    for change in (dict(label_smoothing=0.2), dict(grad_clip_norm=0.01),
+                   dict(schedule="cosine"), dict(optimizer="adamw", weight_decay=0.5)):
+        cfg = dataclasses.replace(base, **change)
+        loss = train.fit(SMALL, cfg, *splits, progress=False).history[0]["train_loss"]
+        assert loss != reference, change
+    augmented = train.fit(SMALL, base, *splits, AUGMENT, progress=False)
+    assert augmented.history[0]["train_loss"] != reference
+
+
+def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(splits):
+    from fmnist_crnn.evaluate import predict_logits
+    from fmnist_crnn.model import CRNN
+
+    model = CRNN(SMALL).eval()
+    images = splits[1][0][:10]
+    device = torch.device("cpu")
+    plain = predict_logits(model, images, 4, device)
+    mirrored = predict_logits(model, images.flip(-1), 4, device)
+    tta = predict_logits(model, images, 4, device, tta_hflip=True)
+    assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
+
+
+def test_seconds_to_accuracy_counts_epochs_until_the_first_hit():
+    history = [{"epoch_seconds": 10.0, "val_acc": 0.8}, {"epoch_seconds": 12.0, "val_acc": 0.93},
+               {"epoch_seconds": 11.0, "val_acc": 0.95}]
+    assert train.seconds_to_accuracy(history, 0.93) == 22.0
+    assert train.seconds_to_accuracy(history, 0.96) is None
+
+
+def test_ema_warms_up_then_uses_its_decay():
+    from torch.optim.swa_utils import AveragedModel
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema = AveragedModel(model, multi_avg_fn=train.ema_with_warmup(0.9))
+    values = []
+    for step in range(1, 400):
+        model.weight.data.fill_(float(step))
+        ema.update_parameters(model)
+        values.append(ema.module.weight.item())
+    # Early on the average follows the weights closely (decay (1+n)/(10+n) < 0.9); once the
+    # warmup decay passes 0.9 (n = 80) it lags a linear ramp by decay/(1-decay) = 9 steps.
+    assert 10 - values[9] < 4
+    assert 399 - values[-1] == pytest.approx(9, abs=0.01)

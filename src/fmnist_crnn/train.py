@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn import functional as F  # noqa: N812
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from fmnist_crnn import data, tracking
@@ -101,6 +101,24 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def ema_with_warmup(decay: float) -> Callable[[list, list, Any], None]:
+    """AveragedModel's update with the usual warmup: the decay used at update n is
+    min(decay, (1 + n) / (10 + n)), so the average does not drag the random initial weights
+    through the first epochs (with 0.999 they would still weigh half after 700 steps)."""
+
+    @torch.no_grad()
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               num_averaged: torch.Tensor) -> None:
+        if not torch.is_floating_point(averaged[0]):  # batch-norm's step counters
+            torch._foreach_copy_(averaged, current)
+            return
+        n = int(num_averaged)
+        d = min(decay, (1 + n) / (10 + n))
+        torch._foreach_lerp_(averaged, current, 1 - d)
+
+    return update
+
+
 def fingerprint(params: Params, data_digest: str) -> str:
     """Identifies what a checkpoint was trained on and with, so only a matching run resumes."""
     relevant = {k: v for k, v in to_dict(params).items()
@@ -159,8 +177,8 @@ def fit(
     steps = data.num_batches(len(train_data[1]), cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps)
     # The average's batch-norm statistics are averaged too (use_buffers).
-    ema = (AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay),
-                         use_buffers=True) if cfg.ema_decay else None)
+    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay else None)
     amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
     generator = torch.Generator().manual_seed(cfg.seed)
