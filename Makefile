@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 MLFLOW_PORT ?= 5000
 
-.PHONY: setup data-source repro test test-fast lint ui lock study study-quick
+.PHONY: setup data-source repro test test-fast lint ui lock study study-quick best best-seeds \
+	ingredients bench
 
 # The ablation study: every variant queued as a DVC experiment, run, then compared.
 # Override on the command line, e.g. `make study SEEDS=3 JOBS=1 VARIANTS="baseline hidden256"`.
@@ -61,6 +62,28 @@ study: setup
 # Cheap mode: 2 epochs on the first 6,000 training and test images.
 study-quick: setup
 	$(BIN)/python -m fmnist_crnn.study run $(STUDY_ARGS) --epochs 2 --limit 6000
+
+# The accuracy recipe (README "Accuracy and speed"), defined in fmnist_crnn/study.py:
+# `make best` runs `dvc exp run -n best -S ...` in the workspace (SEED=43 for another seed);
+# `make best-seeds` queues seeds 42, 43, 44 as best-s42... and compares them;
+# `make ingredients EPOCHS=5` runs the recipe's cumulative steps (what each ingredient adds).
+SEED ?=
+EPOCHS ?= 5
+best: setup
+	$(BIN)/python -m fmnist_crnn.study best $(if $(SEED),--seed $(SEED) --name best-s$(SEED),)
+
+best-seeds: setup
+	$(BIN)/python -m fmnist_crnn.study run --study best --variants best --seeds 3 --jobs 1
+
+ingredients: setup
+	$(BIN)/python -m fmnist_crnn.study run --study ingredients-$(EPOCHS)ep --epochs $(EPOCHS) \
+	  --variants baseline rows-crnn onecycle smoothing cropflip erasing best --jobs $(JOBS)
+
+# Training images/s of the pipeline's loop against the study's DataLoader loop, inference
+# throughput and latency: reports/bench/throughput.json. Needs the split (dvc repro split).
+bench: setup
+	$(BIN)/dvc repro split
+	PYTHONPATH=src $(BIN)/python benchmarks/throughput.py
 
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^fmnist-crnn' > requirements.lock.new

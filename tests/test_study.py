@@ -18,16 +18,16 @@ from fmnist_crnn.model import CRNN
 from .conftest import REPO
 
 
-@pytest.mark.parametrize("name", list(study.VARIANTS))
+@pytest.mark.parametrize("name", list(study.ALL_VARIANTS))
 def test_variant_overrides_parse_build_and_train_one_step(name, tmp_path):
     params_path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", params_path)
     # The same override syntax and parser that `dvc exp run -S` uses.
-    args = study.override_args({**study.VARIANTS[name].overrides, "train.seed": 7,
+    args = study.override_args({**study.ALL_VARIANTS[name].overrides, "train.seed": 7,
                                 "tracking.study": "s1", "tracking.variant": name})
     apply_overrides(params_path, args[1::2])
     params = load_params(params_path)
-    for key, value in study.VARIANTS[name].overrides.items():
+    for key, value in study.ALL_VARIANTS[name].overrides.items():
         section, field = key.split(".")
         got = getattr(getattr(params, section), field)
         assert (list(got) if isinstance(got, tuple) else got) == value
@@ -40,6 +40,42 @@ def test_variant_overrides_parse_build_and_train_one_step(name, tmp_path):
     optimizer.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_recipe_ladder_adds_one_ingredient_per_step_and_ends_at_the_recipe():
+    steps = list(study.RECIPE_VARIANTS.values())
+    for before, after in zip(steps, steps[1:], strict=False):
+        assert before.overrides.items() < after.overrides.items()  # cumulative
+    assert study.RECIPE == steps[-1].overrides
+    params_path = Path(REPO / "params.yaml")
+    raw = yaml.safe_load(params_path.read_text())
+    from fmnist_crnn.config import params_from_dict
+    from fmnist_crnn.model import count_parameters
+
+    for key, value in study.RECIPE.items():
+        section, field = key.split(".")
+        raw[section][field] = value
+    params = params_from_dict(raw)
+    assert count_parameters(CRNN(params.model)) < 2_000_000  # the budget
+    assert params.train.epochs == study.RECIPE_EPOCHS
+
+
+def test_shorter_ladders_keep_the_warmup_share():
+    scaled = study.scale_to_epochs(study.RECIPE, 5)
+    assert scaled["train.warmup_epochs"] == pytest.approx(1.0)
+    assert study.scale_to_epochs(study.VARIANTS["final"].overrides, 5) == (
+        study.VARIANTS["final"].overrides)
+
+
+def test_tta_runs_get_a_row_without_tta_just_above():
+    records = [record("baseline", s, 0.89) for s in (1, 2)]
+    records += [{**record("best", s, a), "test_accuracy_without_tta": a - 0.002}
+                for s, a in ((1, 0.93), (2, 0.932))]
+    lines, summary = study.comparison_table(records)
+    names = [s["variant"] for s in summary]
+    assert names == ["baseline", "best (no TTA)", "best"]
+    assert summary[2]["delta_vs_row_above"] == pytest.approx(0.2)
+    assert summary[1]["delta_vs_row_above"] == pytest.approx(3.9)
 
 
 def test_variant_command_is_one_dvc_exp_run():

@@ -65,6 +65,63 @@ VARIANTS = {v.name: v for v in (
 )}
 
 
+# The accuracy recipe (README "Accuracy and speed") as a ladder of cumulative ingredients: each
+# step adds one ingredient to the step before, so a study of the steps is the table of what each
+# ingredient adds. The last step, "best", is the recipe itself (`make best`).
+RECIPE_EPOCHS = 20
+RECIPE_STEPS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("rows-crnn", "CRNN keeping 7x7 resolution (4 conv blocks, stride 1), LSTM reads the 7 rows, "
+     "bidirectional, 1 layer; Adam 1e-3, batch 128", {
+        "model.channels": [32, 64, 64, 128],
+        "model.kernel_sizes": [3, 3, 3, 3],
+        "model.strides": [1, 1, 1, 1],
+        "model.pool": [True, False, True, False],
+        "model.dropout": [0.0, 0.0, 0.1, 0.2],
+        "model.sequence": "rows",
+        "model.bidirectional": True,
+        "model.num_layers": 1,
+        "model.head_dims": [],
+        "train.batch_size": 128,
+        "train.channels_last": True,
+    }),
+    ("onecycle", "+ AdamW (weight decay 0.05), one-cycle schedule to lr 0.003 "
+     "(rising for 20% of the epochs)", {
+        "train.optimizer": "adamw",
+        "train.lr": 0.003,
+        "train.weight_decay": 0.05,
+        "train.schedule": "onecycle",
+        "train.warmup_epochs": 4,
+    }),
+    ("smoothing", "+ label smoothing 0.1", {"train.label_smoothing": 0.1}),
+    ("cropflip", "+ random crop (padding 2) and horizontal flip",
+     {"augment.crop_padding": 2, "augment.hflip": True}),
+    ("erasing", "+ random erasing (p 0.25)", {"augment.erasing": 0.25}),
+    ("best", "+ EMA of weights (0.999), gradient clipping (norm 5); flip TTA at test",
+     {"train.ema_decay": 0.999, "train.grad_clip_norm": 5.0, "evaluate.tta_hflip": True}),
+)
+
+
+def _ladder() -> list[Variant]:
+    variants, overrides = [], {}
+    for name, change, step in RECIPE_STEPS:
+        overrides = {**overrides, **step}
+        variants.append(Variant(name, change, overrides, ""))
+    return variants
+
+
+RECIPE_VARIANTS = {v.name: v for v in _ladder()}
+RECIPE = RECIPE_VARIANTS["best"].overrides
+ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS}
+
+
+def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, Any]:
+    """The recipe's warmup is 20% of its epochs: keep that share when epochs are overridden."""
+    if not epochs or "train.warmup_epochs" not in overrides:
+        return overrides
+    share = overrides["train.warmup_epochs"] / RECIPE_EPOCHS
+    return {**overrides, "train.warmup_epochs": round(share * epochs, 3)}
+
+
 def override_args(overrides: dict[str, Any]) -> list[str]:
     """``-S key=value`` arguments in the override syntax `dvc exp run -S` parses."""
     args = []
@@ -84,6 +141,8 @@ def _literal(value: Any) -> str:
 
 
 def experiment_name(study: str, variant: str, seed: int) -> str:
+    if study == variant:  # `--study best --variants best`: best-s42, not best-best-s42
+        return f"{variant}-s{seed}"
     return f"{study}-{variant}-s{seed}"
 
 
@@ -118,7 +177,8 @@ def queue_study(study: str, variants: list[Variant], seeds: list[int],
     for seed in seeds:
         for variant in variants:
             name = experiment_name(study, variant.name, seed)
-            overrides = {**variant.overrides, **extra, "train.seed": seed,
+            overrides = {**scale_to_epochs(variant.overrides, extra.get("train.epochs")),
+                         **extra, "train.seed": seed,
                          "tracking.study": study, "tracking.variant": variant.name}
             _dvc("exp", "run", "--queue", "-n", name, *override_args(overrides))
             names.append(name)
@@ -150,7 +210,7 @@ def run_study(args: argparse.Namespace) -> Path:
     from fmnist_crnn.config import load_params
 
     study = args.study or datetime.now(UTC).strftime("study-%Y%m%d-%H%M")
-    variants = [VARIANTS[name] for name in args.variants]
+    variants = [ALL_VARIANTS[name] for name in args.variants]
     base_seed = args.first_seed if args.first_seed is not None else load_params(
         "params.yaml").train.seed
     seeds = [base_seed + i for i in range(args.seeds)]
@@ -228,6 +288,7 @@ def _record(node: dict[str, Any], data: dict[str, Any]) -> dict[str, Any] | None
         "epochs": (params.get("train") or {}).get("epochs"),
         "limit": (params.get("split") or {}).get("limit"),
         "test_accuracy": test.get("accuracy"),
+        "test_accuracy_without_tta": test.get("accuracy_without_tta"),
         "test_loss": test.get("loss"),
         "best_val_acc": train.get("best_val_acc"),
         "params_count": train.get("params_count"),
@@ -287,34 +348,50 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
     rows: dict[str, Row] = {}
     for record in records:
         rows.setdefault(record["variant"], Row(record["variant"])).runs.append(record)
-    order = [name for name in VARIANTS if name in rows] + sorted(set(rows) - set(VARIANTS))
+        if record.get("test_accuracy_without_tta") is not None:
+            # The same runs scored without test-time flips: the row above shows what TTA adds.
+            plain = {**record, "test_accuracy": record["test_accuracy_without_tta"],
+                     "test_loss": None}
+            rows.setdefault(f"{record['variant']} (no TTA)",
+                            Row(f"{record['variant']} (no TTA)")).runs.append(plain)
+    known = [n for v in ALL_VARIANTS for n in (f"{v} (no TTA)", v)]
+    order = [name for name in known if name in rows] + sorted(set(rows) - set(known))
     base = rows.get("baseline")
     base_acc = base.values("test_accuracy") if base else []
     lines = [
         "| variant | change | seeds | test accuracy (%) | test loss | best val acc (%) | "
         "parameters | train time (s) | Δ accuracy vs baseline (points) | beyond seed noise | "
-        "study reported |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        "Δ vs row above (points) | study reported |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     summary = []
+    previous: list[float] = []
     for name in order:
         row = rows[name]
         acc = row.values("test_accuracy")
-        variant = VARIANTS.get(name)
+        variant = ALL_VARIANTS.get(name.removesuffix(" (no TTA)"))
+        change = variant.change if variant else "?"
+        if name.endswith(" (no TTA)"):
+            change += "; scored without TTA"
+        elif row.values("test_accuracy_without_tta"):
+            change = "+ flip TTA at test (the models of the row above)"
         delta = (statistics.mean(acc) - statistics.mean(base_acc)) * 100 if base_acc else math.nan
+        step = (statistics.mean(acc) - statistics.mean(previous)) * 100 if previous else math.nan
         noise = "–" if name == "baseline" or not base_acc else beyond_noise(base_acc, acc)
         params = row.values("params_count")
         lines.append(
-            f"| {name} | {variant.change if variant else '?'} | {len(row.runs)} | "
+            f"| {name} | {change} | {len(row.runs)} | "
             f"{_mean_std(acc, 100)} | {_mean_std(row.values('test_loss'), 1, 4)} | "
             f"{_mean_std(row.values('best_val_acc'), 100)} | "
             f"{int(params[0]):,} | {_mean_std(row.values('train_seconds'), 1, 0)} | "
             f"{'–' if name == 'baseline' or math.isnan(delta) else f'{delta:+.2f}'} | "
-            f"{noise} | {variant.reported if variant else ''} |"
-            if params else f"| {name} | incomplete runs |" + " |" * 9
+            f"{noise} | {'–' if math.isnan(step) else f'{step:+.2f}'} | "
+            f"{variant.reported if variant else ''} |"
+            if params else f"| {name} | incomplete runs |" + " |" * 10
         )
         summary.append({"variant": name, "runs": row.runs, "delta_points": delta,
-                        "beyond_noise": noise})
+                        "beyond_noise": noise, "delta_vs_row_above": step})
+        previous = acc
     return lines, summary
 
 
@@ -372,7 +449,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="queue the variants, run the queue, then compare")
-    run.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    run.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                     choices=list(ALL_VARIANTS),
+                     help="default: the study's ablations; the recipe's steps are "
+                     f"{', '.join(RECIPE_VARIANTS)}")
     run.add_argument("--seeds", type=int, default=1, help="seeds per variant (train.seed + i)")
     run.add_argument("--first-seed", type=int,
                      help="first seed (default train.seed); to add seeds to an existing study")
@@ -388,16 +468,27 @@ def main(argv: list[str] | None = None) -> None:
     cmp_.add_argument("--out", default="reports/study")
     lst = sub.add_parser("commands", help="print the one-line command for each variant")
     lst.add_argument("--epochs", type=int)
+    best = sub.add_parser("best", help="run the accuracy recipe as one named DVC experiment "
+                          "in the workspace (`dvc exp run -n best -S ...`)")
+    best.add_argument("--seed", type=int, help="train.seed (default: params.yaml's)")
+    best.add_argument("--name", default="best")
     args = parser.parse_args(argv)
     try:
         if args.command == "run":
             run_study(args)
         elif args.command == "compare":
             compare(args.study, Path(args.out))
+        elif args.command == "best":
+            extra = {"train.seed": args.seed} if args.seed is not None else {}
+            words = ["exp", "run", "-n", args.name, *override_args({**RECIPE, **extra})]
+            print("dvc " + " ".join(words), flush=True)
+            _dvc(*words, capture=False)
         else:
             extra = {"train.epochs": args.epochs} if args.epochs else {}
-            for variant in VARIANTS.values():
-                print(f"{variant.name:12s} {variant_command(variant, extra)}")
+            for variant in ALL_VARIANTS.values():
+                overrides = scale_to_epochs(variant.overrides, args.epochs)
+                print(f"{variant.name:12s} "
+                      f"{variant_command(Variant(variant.name, '', overrides, ''), extra)}")
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
