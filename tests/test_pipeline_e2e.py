@@ -42,6 +42,10 @@ def make_pipeline(tmp_path_factory):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["split"]["limit"] = 6000
     params["train"]["epochs"] = 2
+    # The recipe's code paths too: augmentation, EMA, a schedule and test-time flips.
+    params["augment"].update(crop_padding=2, hflip=True, erasing=0.25)
+    params["train"].update(ema_decay=0.9, schedule="cosine", warmup_epochs=0.5)
+    params["evaluate"]["tta_hflip"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
     env = {k: v for k, v in os.environ.items()
@@ -77,13 +81,17 @@ def test_outputs_metrics_and_report(pipeline):
     per_class = json.loads((repo / "metrics/test_per_class.json").read_text())
     assert set(per_class) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                               "Shirt", "Sneaker", "Bag", "Ankle boot"}
-    assert set(test) == {"accuracy", "loss", "macro_f1"}  # the columns of `dvc exp show`
+    # The columns of `dvc exp show`; with flip TTA also the accuracy without it.
+    assert set(test) == {"accuracy", "loss", "macro_f1", "accuracy_without_tta"}
+    assert 0.3 < test["accuracy_without_tta"] <= 1
+    assert {"val_acc_hflip_tta", "val_acc_last_without_ema", "seconds_to_val_acc_90"} <= set(train)
     history = (repo / "plots/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 3
     predictions = (repo / "plots/test_predictions.csv").read_text().splitlines()
-    assert predictions[0] == "actual,predicted" and len(predictions) == 6001
+    assert predictions[0] == "actual,predicted,confidence" and len(predictions) == 6001
     report = (repo / "reports/report.md").read_text()
     assert f"{test['accuracy']:.2%}" in report and "89.6%" in report
+    assert f"test accuracy without flip TTA | {test['accuracy_without_tta']:.2%}" in report
     assert (repo / "reports/report.html").read_text().startswith("<!DOCTYPE html>")
     for png in ("learning_curves.png", "confusion_matrix.png"):
         assert (repo / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"

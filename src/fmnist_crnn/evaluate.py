@@ -148,9 +148,12 @@ def run_evaluation(
                   + (f"alias '{tracking_cfg.champion_alias}' moved to it" if promoted else
                      f"alias '{tracking_cfg.champion_alias}' stays (a holder scores higher)"))
 
-    predicted = logits.argmax(1).tolist()
-    rows = ["actual,predicted"] + [f"{data.CLASS_NAMES[a]},{data.CLASS_NAMES[p]}"
-                                   for a, p in zip(labels.tolist(), predicted, strict=True)]
+    confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
+    # One row per test image, in order; DVC's confusion plot reads actual/predicted, the
+    # report's most-confident-mistakes figure the confidence.
+    rows = ["actual,predicted,confidence"] + [
+        f"{data.CLASS_NAMES[a]},{data.CLASS_NAMES[p]},{c:.6f}"
+        for a, p, c in zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)]
     atomic_write_text(predictions_path, "\n".join(rows) + "\n")
     atomic_write_json(confusion_path, {"classes": list(data.CLASS_NAMES),
                                        "matrix": cm.tolist()})

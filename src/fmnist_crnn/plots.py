@@ -101,8 +101,12 @@ def images_figure(images: np.ndarray, titles: Sequence[str], cols: int = 8,
     n = len(images)
     cols = max(1, min(cols, n))
     rows = max(1, -(-n // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.35)),
-                             constrained_layout=True, squeeze=False)
+    height = rows * (size + 0.3) + 0.45
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, height), squeeze=False)
+    # Fixed margins: constrained layout costs about a second per grid, and a grid of equal
+    # images needs none (0.45 inch on top for a suptitle, 0.3 inch between rows for titles).
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / height,
+                        wspace=0.08, hspace=0.3 / size)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, title in zip(axes.flat, images, titles, strict=False):

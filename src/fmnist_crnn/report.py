@@ -4,6 +4,7 @@ self-contained HTML page (images embedded)."""
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import os
@@ -16,7 +17,7 @@ import torch
 
 from fmnist_crnn import data, inspection, plots
 from fmnist_crnn.config import Params, to_flat_dict
-from fmnist_crnn.evaluate import load_checkpoint, predict_logits
+from fmnist_crnn.evaluate import load_checkpoint
 from fmnist_crnn.files import atomic_write_text
 from fmnist_crnn.model import count_parameters, shape_table
 from fmnist_crnn.train import read_history
@@ -58,6 +59,7 @@ def build_report(
     test_metrics_path: Path,
     per_class_path: Path,
     confusion_path: Path,
+    predictions_path: Path,
     model_path: Path,
     split_dir: Path,
     out_dir: Path,
@@ -86,8 +88,7 @@ def build_report(
                                                    "Test confusion (row-normalised)",
                                                    normalize=True),
                             "confusion_matrix_normalized.png")
-    mistakes = figure(mistakes_figure(model, split_dir, params.report.mistakes,
-                                     params.evaluate.tta_hflip),
+    mistakes = figure(mistakes_figure(predictions_path, split_dir, params.report.mistakes),
                       "confident_mistakes.png")
     images, labels = data.load_split(split_dir, "train")
     idx = torch.tensor(params.report.inspect_indices)
@@ -110,6 +111,12 @@ def build_report(
              f"{train_metrics['best_val_acc']:.2%} (epoch {train_metrics['best_epoch']})", ""],
             ["epochs", train_metrics["epochs"], STUDY["epochs"]],
             ["training time", f"{train_metrics['train_seconds']:.0f} s", ""],
+            *[[f"time to {t}% validation accuracy",
+               "not reached" if train_metrics.get(f"seconds_to_val_acc_{t}") is None
+               else f"{train_metrics[f'seconds_to_val_acc_{t}']:.0f} s", ""]
+              for t in (90, 93) if f"seconds_to_val_acc_{t}" in train_metrics],
+            *([["test accuracy without flip TTA", f"{test['accuracy_without_tta']:.2%}", ""]]
+              if "accuracy_without_tta" in test else []),
             ["parameters", f"{count_parameters(model):,}", ""],
         ]),
         Heading("Learning curves"),
@@ -145,18 +152,19 @@ def build_report(
     return md_path, html_path
 
 
-@torch.no_grad()
-def mistakes_figure(model, split_dir: Path, count: int, tta_hflip: bool = False):
-    images, labels = data.load_split(split_dir, "test")
-    logits = predict_logits(model, images, 500, torch.device("cpu"), tta_hflip=tta_hflip)
-    probs = torch.softmax(logits, dim=1)
-    confidence, predicted = probs.max(dim=1)
-    wrong = (predicted != labels).nonzero().flatten()
-    worst = wrong[confidence[wrong].argsort(descending=True)][:count]
-    names = data.CLASS_NAMES
-    titles = [f"{names[labels[i]]} -> {names[predicted[i]]} ({confidence[i]:.0%})"
-              for i in worst.tolist()]
-    return plots.images_figure(images[worst].numpy(), titles, cols=8, size=1.6)
+def mistakes_figure(predictions_path: Path, split_dir: Path, count: int):
+    """The test images misclassified with the highest confidence, from evaluate's predictions."""
+    images, _ = data.load_split(split_dir, "test")
+    with open(predictions_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if len(rows) != len(images):
+        raise ValueError(f"{predictions_path} has {len(rows)} rows for {len(images)} test "
+                         "images; run the evaluate stage again")
+    wrong = sorted((i for i, r in enumerate(rows) if r["actual"] != r["predicted"]),
+                   key=lambda i: -float(rows[i]["confidence"]))[:count]
+    titles = [f"{rows[i]['actual']} -> {rows[i]['predicted']} "
+              f"({float(rows[i]['confidence']):.0%})" for i in wrong]
+    return plots.images_figure(images[wrong].numpy(), titles, cols=8, size=1.6)
 
 
 def to_markdown(blocks: list[Block], base: Path) -> str:
