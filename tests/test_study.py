@@ -122,6 +122,10 @@ def test_collect_experiments_reads_dvc_exp_show_json():
                  {"revs": [dict(node("other", "final", 0.5), data={
                      **node("other", "final", 0.5)["data"],
                      "params": {"params.yaml": {"data": {"tracking": {"study": "t"}}}}})]}]}]
+    failed = dict(node("s-final-s1", "final", 0.1), error={"msg": "Experiment run failed"})
+    running = node("s-final-s1", "final", 0.2)
+    running["data"]["rev"] = "workspace"  # how `dvc exp show` reports a running experiment
+    shown[1]["experiments"] += [{"revs": [failed]}, {"revs": [running]}]
     records = study.collect_experiments("s", shown)
     assert [(r["variant"], r["test_accuracy"]) for r in records] == [("baseline", 0.8),
                                                                      ("final", 0.9)]

@@ -17,8 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.model_selection import train_test_split
-from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
 
 from fmnist_crnn.config import AugmentConfig, DataConfig, SplitConfig
 from fmnist_crnn.files import atomic_torch_save
@@ -154,6 +152,10 @@ def verify_content(raw: RawFile, data: bytes, gzipped: bool, origin: str) -> byt
 def read_idx(path: Path, expected_ndim: int) -> torch.Tensor:
     """Read an IDX file with torchvision's reader, checking that it holds uint8 data."""
     try:
+        # Imported here: torchvision's datasets package costs a second to import, and train,
+        # evaluate and report (which only read the split) do not need it.
+        from torchvision.datasets.mnist import read_sn3_pascalvincent_tensor
+
         tensor = read_sn3_pascalvincent_tensor(str(path), strict=False)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found; run the download stage first") from None
@@ -191,6 +193,8 @@ def make_split(raw_dir: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, int]
         test_images, test_labels = test_images[: cfg.limit], test_labels[: cfg.limit]
     indices = np.arange(len(labels))
     try:
+        from sklearn.model_selection import train_test_split  # only the split stage needs it
+
         train_idx, val_idx = train_test_split(
             indices, test_size=cfg.val_fraction, random_state=cfg.seed, shuffle=True,
             stratify=labels.numpy() if cfg.stratify else None,

@@ -256,7 +256,11 @@ def collect_experiments(study: str, exp_show: list[dict[str, Any]]) -> list[dict
     def visit(node: Any) -> None:
         if isinstance(node, dict):
             data = node.get("data")
-            if isinstance(data, dict) and "params" in data:
+            # A failed experiment carries an error; a running one reports rev "workspace" with
+            # whatever its temporary copy holds: neither has results of its own yet.
+            finished = not node.get("error") and not (
+                node.get("name") and isinstance(data, dict) and data.get("rev") == "workspace")
+            if isinstance(data, dict) and "params" in data and finished:
                 record = _record(node, data)
                 if record and record["study"] == study:
                     records.append(record)
