@@ -354,8 +354,8 @@ def run_training(
         val_metrics = classification_metrics(val_logits, val_data[1])
         # What test-time flips and the weight average add, measured on validation, so choices
         # never need the test set.
-        tta_logits = predict_logits(result.model, val_data[0], batch, device, tta_hflip=True)
-        extra = {"val_acc_hflip_tta": _accuracy(tta_logits, val_data[1])}
+        mirrored = predict_logits(result.model, val_data[0].flip(-1), batch, device)
+        extra = {"val_acc_hflip_tta": _accuracy((val_logits + mirrored) / 2, val_data[1])}
         if result.last_raw is not None:
             raw_logits = predict_logits(result.last_raw, val_data[0], batch, device)
             extra["val_acc_last_without_ema"] = _accuracy(raw_logits, val_data[1])
