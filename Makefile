@@ -7,7 +7,7 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 MLFLOW_PORT ?= 5000
 
 .PHONY: setup data-source repro test test-fast lint ui lock study study-quick best best-seeds \
-	ingredients bench
+	fast ingredients bench
 
 # The ablation study: every variant queued as a DVC experiment, run, then compared.
 # Override on the command line, e.g. `make study SEEDS=3 JOBS=1 VARIANTS="baseline hidden256"`.
@@ -70,7 +70,11 @@ study-quick: setup
 SEED ?=
 EPOCHS ?= 5
 best: setup
-	$(BIN)/python -m fmnist_crnn.study best $(if $(SEED),--seed $(SEED) --name best-s$(SEED),)
+	$(BIN)/python -m fmnist_crnn.study recipe best $(if $(SEED),--seed $(SEED) --name best-s$(SEED),)
+
+# Time to accuracy: the recipe without augmentation, 5 epochs (`dvc exp run -n fast -S ...`).
+fast: setup
+	$(BIN)/python -m fmnist_crnn.study recipe fast $(if $(SEED),--seed $(SEED) --name fast-s$(SEED),)
 
 best-seeds: setup
 	$(BIN)/python -m fmnist_crnn.study run --study best --variants best --seeds 3 --jobs 1

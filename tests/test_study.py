@@ -60,6 +60,20 @@ def test_recipe_ladder_adds_one_ingredient_per_step_and_ends_at_the_recipe():
     assert params.train.epochs == study.RECIPE_EPOCHS
 
 
+@pytest.mark.parametrize("name", ["best", "fast"])
+def test_recipes_are_valid_params_under_the_parameter_budget(name):
+    from fmnist_crnn.config import params_from_dict
+    from fmnist_crnn.model import count_parameters
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    for key, value in study.RECIPES[name].items():
+        section, field = key.split(".")
+        raw[section][field] = value
+    params = params_from_dict(raw)
+    assert count_parameters(CRNN(params.model)) < 2_000_000
+    assert params.train.warmup_epochs == pytest.approx(0.2 * params.train.epochs)
+
+
 def test_shorter_ladders_keep_the_warmup_share():
     scaled = study.scale_to_epochs(study.RECIPE, 5)
     assert scaled["train.warmup_epochs"] == pytest.approx(1.0)
