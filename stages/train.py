@@ -13,6 +13,7 @@ def main(args, params) -> None:
         params, Path(args.split), model_path=Path(args.model),
         checkpoint_path=Path(args.checkpoint), metrics_path=Path(args.metrics),
         history_path=Path(args.history), run_path=Path(args.run),
+        environment_path=Path(args.environment),
     )
     print(f"best validation accuracy {result.best_val_acc:.2%} at epoch {result.best_epoch}")
 
@@ -25,4 +26,6 @@ if __name__ == "__main__":
     p.add_argument("--metrics", required=True, help="output: training metrics (JSON)")
     p.add_argument("--history", required=True, help="output: per-epoch metrics (CSV)")
     p.add_argument("--run", required=True, help="output: the MLflow run id (JSON)")
+    p.add_argument("--environment", required=True,
+                   help="output: CPU, ISA, threads and versions the run used (JSON)")
     cli.run(main, p, SECTIONS)

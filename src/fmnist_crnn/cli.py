@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from fmnist_crnn.config import SECTIONS, ConfigError, Params, load_params
+from fmnist_crnn.config import SECTIONS, Params, load_params
+from fmnist_crnn.errors import ProjectError
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -40,17 +41,12 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
 
     Known errors exit 2 with one message naming the problem; Ctrl-C exits 130.
     """
-    from fmnist_crnn.data import DataError
-    from fmnist_crnn.evaluate import CheckpointError
-    from fmnist_crnn.tracking import TrackingError
-    from fmnist_crnn.train import TrainingError
-
     args = p.parse_args()
     try:
         params = load_params(args.params)
         view = params if set(sections) >= set(SECTIONS) else SectionView(params, sections)
         main(args, view)
-    except (ConfigError, DataError, CheckpointError, TrainingError, TrackingError) as exc:
+    except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

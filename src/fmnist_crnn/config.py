@@ -16,9 +16,7 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A parameter is unknown, missing, of the wrong type or out of range."""
+from fmnist_crnn.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -341,8 +339,10 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     elif hint is float:
+        # An integer stays one (`warmup_epochs: 4`), so the value prints as params.yaml has
+        # it in MLflow and in `dvc exp show`; Python's arithmetic treats both alike.
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return value
     elif hint is str:
         if isinstance(value, str):
             return value

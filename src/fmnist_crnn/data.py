@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from fmnist_crnn.config import AugmentConfig, DataConfig, SplitConfig
+from fmnist_crnn.errors import DataError
 from fmnist_crnn.files import atomic_torch_save
 
 CLASS_NAMES = (
@@ -50,10 +51,6 @@ RAW_FILES = (
             "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
 )
 SPLITS = ("train", "val", "test")
-
-
-class DataError(RuntimeError):
-    """The dataset cannot be obtained or read; the message names the file and the source."""
 
 
 # ---------------------------------------------------------------------------------------------

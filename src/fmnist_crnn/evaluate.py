@@ -19,12 +19,9 @@ from tqdm import tqdm
 
 from fmnist_crnn import data, tracking
 from fmnist_crnn.config import TrackingConfig, model_config_from_dict
+from fmnist_crnn.errors import CheckpointError
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
 from fmnist_crnn.model import CRNN, select_device
-
-
-class CheckpointError(RuntimeError):
-    """A model file cannot be read or does not match the code's architecture."""
 
 
 @torch.no_grad()

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
+
+from fmnist_crnn.errors import TrackingError
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be reached or does not hold the expected run."""
 
 
 def repo_root(start: Path | None = None) -> Path:
@@ -113,12 +112,33 @@ def run_exists(run_id: str) -> bool:
     return True
 
 
+def dvc_managed_paths(root: Path) -> list[str]:
+    """What DVC writes or rewrites in the work tree: dvc.lock and every out, metric and plot
+    of dvc.yaml. Their changes are results, not changes to the code."""
+    paths = ["dvc.lock"]
+    try:
+        stages = (yaml.safe_load((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    except (OSError, yaml.YAMLError):
+        return paths
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                paths.append(next(iter(entry)) if isinstance(entry, dict) else str(entry))
+    return paths
+
+
 def git_state(root: Path) -> dict[str, str]:
-    """Commit and dirtiness of ``root``; empty when it is not a git repository."""
+    """Commit of ``root`` and whether its code differs from it; empty outside git.
+
+    ``git_dirty`` ignores what DVC writes (outputs, dvc.lock) and params.yaml, whose values
+    the run logs as params: it says whether the code that ran is the committed code.
+    """
+    excluded = [f":(exclude){p}" for p in ("params.yaml", *dvc_managed_paths(root))]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                 ".", *excluded],
                                 cwd=root, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
         return {}
@@ -287,6 +307,11 @@ def register_and_promote(model_uri: str, name: str, alias: str,
 
 
 def _param_value(value: Any) -> str:
+    """The value as params.yaml and `dvc exp show` spell it: 20, 0.001, true, null, [3, 3, 2]."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(str(v) for v in value) + "]"
+        return "[" + ", ".join(_param_value(v) for v in value) + "]"
     return str(value)

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from fmnist_crnn.config import (
     to_dict,
     to_flat_dict,
 )
+from fmnist_crnn.errors import TrainingError
 from fmnist_crnn.evaluate import classification_metrics, confusion, predict_logits
 from fmnist_crnn.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
 from fmnist_crnn.model import CRNN, count_parameters, select_device
@@ -38,10 +40,6 @@ from fmnist_crnn.model import CRNN, count_parameters, select_device
 Dataset = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 28, 28), int64 labels (N,)
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
                   "epoch_seconds")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (for example the loss is no longer finite)."""
 
 
 @dataclass
@@ -288,6 +286,7 @@ def fit(
                 "best_epoch": best_epoch,
                 "run_id": run_id,
             }, checkpoint_path)
+        signal_after_epoch(epoch)
 
     last_raw = copy.deepcopy(model) if ema is not None else None
     model.load_state_dict(best_state)
@@ -295,16 +294,58 @@ def fit(
                      last_raw)
 
 
+SIGNAL_AFTER_EPOCH = "FMNIST_CRNN_SIGNAL_AFTER_EPOCH"
+
+
+def signal_after_epoch(epoch: int) -> None:
+    """Fault injection for resume tests: ``FMNIST_CRNN_SIGNAL_AFTER_EPOCH=2:INT`` sends this
+    process SIGINT (or KILL, TERM) once epoch 2's checkpoint is written, so a test stops a
+    run at a known point on any machine instead of racing a signal against the training."""
+    setting = os.environ.get(SIGNAL_AFTER_EPOCH)
+    if not setting:
+        return
+    at, _, name = setting.partition(":")
+    if epoch != int(at):
+        return
+    if name in ("", "INT"):
+        # What Python turns Ctrl-C into; raised directly, because a process started in the
+        # background inherits an ignored SIGINT and would never see the signal.
+        raise KeyboardInterrupt
+    os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
 def environment_info(device: str) -> dict[str, Any]:
+    """What decides whether two runs can be bit-identical: CPU and its vector ISA as torch
+    uses it, threads, package versions, the GPU."""
+    from importlib import metadata
+
+    cuda = torch.cuda.is_available()
     return {
-        "torch": torch.__version__,
-        "cuda": torch.version.cuda or "none",
-        "cudnn": torch.backends.cudnn.version() if torch.cuda.is_available() else "none",
-        "device": device,
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "mlflow": metadata.version("mlflow"),
+        "dvc": metadata.version("dvc"),
+        "numpy": np.__version__,
+        "cuda": torch.version.cuda or "none",
+        "cudnn": torch.backends.cudnn.version() if cuda else "none",
+        "cuda_device": torch.cuda.get_device_name(0) if cuda else "none",
+        "device": device,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cuda_available": torch.cuda.is_available(),
     }
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def run_training(
@@ -315,6 +356,7 @@ def run_training(
     metrics_path: Path,
     history_path: Path,
     run_path: Path,
+    environment_path: Path | None = None,
 ) -> FitResult:
     """The train stage: fit, track in MLflow, and write the stage's outputs."""
     train_data = data.load_split(split_dir, "train")
@@ -345,7 +387,8 @@ def run_training(
             on_epoch=lambda r: tracking.log_metrics(
                 {k: v for k, v in r.items() if k != "epoch"}, step=int(r["epoch"])),
         )
-        tracking.log_environment(environment_info(result.device))
+        environment = environment_info(result.device)
+        tracking.log_environment(environment)
         tracking.set_tags({f"data.{name}_sha256": digest for name, digest in digests.items()})
 
         device = torch.device(result.device)
@@ -364,8 +407,10 @@ def run_training(
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_acc": result.best_val_acc,
-            "val_loss": val_metrics["loss"],
-            "val_macro_f1": val_metrics["macro_f1"],
+            # The best weights' validation scores, under names of their own: the per-epoch
+            # curves own `val_loss`, and a summary logged there would add a false point.
+            "best_val_loss": val_metrics["loss"],
+            "best_val_macro_f1": val_metrics["macro_f1"],
             "epochs": len(result.history),
             "train_seconds": sum(r["epoch_seconds"] for r in result.history),
             **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
@@ -387,6 +432,8 @@ def run_training(
 
         atomic_write_json(metrics_path, summary)
         write_history(history_path, result.history)
+        if environment_path is not None:
+            atomic_write_json(environment_path, environment)
         atomic_write_json(run_path, {"run_id": run.info.run_id,
                                      "experiment_id": run.info.experiment_id,
                                      "model_uri": model_uri})
