@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,27 @@ def raw_dir(tmp_path):
     for name, array in synthetic_arrays(n_train=64).items():
         (folder / name).write_bytes(idx_bytes(array))
     return folder
+
+
+# A stranger's shell: nothing activated, the system's PATH, no tracking or DVC variables.
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+DVC = [sys.executable, "-m", "dvc"]  # the venv's dvc, called by path as `.venv/bin/dvc` is
+
+
+def stranger_env(repo: Path) -> dict[str, str]:
+    """The environment of a fresh shell in ``repo``, whose ``.venv`` is this test run's
+    environment (as `make setup` would have made it). Stages find it themselves."""
+    venv = repo / ".venv"
+    if not venv.exists():
+        venv.symlink_to(Path(sys.prefix), target_is_directory=True)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_", "DVC_", "FMNIST_", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(PATH=SYSTEM_PATH, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    return env
+
+
+def activated(env: dict[str, str]) -> dict[str, str]:
+    """``env`` after `source .venv/bin/activate`, as the README asks for bare commands."""
+    return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
+            "VIRTUAL_ENV": sys.prefix}

@@ -30,7 +30,7 @@ def declared(stage, key):
 
 
 def test_pipeline_order():
-    assert list(STAGES) == ["download", "split", "train", "evaluate", "report"]
+    assert list(STAGES) == ["validate", "download", "split", "train", "evaluate", "report"]
 
 
 @pytest.mark.parametrize("stage", list(STAGES))

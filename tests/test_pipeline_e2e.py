@@ -6,7 +6,6 @@ import re
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import mlflow
 import pytest
@@ -14,7 +13,7 @@ import yaml
 
 from fmnist_crnn.data import DEBIAN_DIR, ENV_DIR
 
-from .conftest import REPO
+from .conftest import DVC, REPO, activated, stranger_env
 
 pytestmark = pytest.mark.slow
 
@@ -48,16 +47,14 @@ def make_pipeline(tmp_path_factory):
     params["evaluate"]["tta_hflip"] = True
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     shutil.copy(REPO / ".gitignore", repo / ".gitignore")
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
+    # Not activated: `python` on PATH is the system's, without torch. The stages must find
+    # the project's interpreter themselves (stages/run.sh), as in a stranger's fresh shell.
+    env = stranger_env(repo)
     run(["git", "init", "-q"], repo, env)
-    run(["dvc", "init", "-q"], repo, env)
+    run([*DVC, "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
-    out = run(["dvc", "repro"], repo, env)
+    out = run([*DVC, "repro"], repo, env)
     return repo, env, out
 
 
@@ -110,8 +107,19 @@ def test_mlflow_run_has_params_history_confusion_and_model(pipeline):
     assert params["report.mistakes"] == "16"  # logged by the report stage
     assert {f"{s}.{k}" for s, sec in yaml.safe_load((repo / "params.yaml").read_text()).items()
             for k in sec} <= set(params)  # every value of params.yaml
-    steps = [m.step for m in client.get_metric_history(run_id, "val_acc")]
-    assert steps == [1, 2]
+    # Params read as params.yaml writes them: `2`, not `2.0`; `null`, not `None`.
+    assert params["train.epochs"] == "2" and params["train.warmup_epochs"] == "0.5"
+    assert params["train.grad_clip_norm"] == "null" and params["train.amp"] == "false"
+    assert params["train.lr"] == "0.001" and params["train.weight_decay"] == "0.0"
+    # Per-epoch keys hold one point per epoch; the summary has names of its own.
+    for key in ("val_acc", "val_loss", "train_loss", "lr"):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [1, 2], key
+    assert "best_val_loss" in run.data.metrics and "best_val_acc" in run.data.metrics
+    # The code ran as committed: DVC's outputs and dvc.lock do not make the tree dirty.
+    assert run.data.tags["git_dirty"] == "false"
+    environment = json.loads((repo / "models/environment.json").read_text())
+    assert environment["cpu_capability"] == run.data.tags["env.cpu_capability"]
+    assert {"cpu", "torch_threads", "torch", "mlflow", "dvc"} <= set(environment)
     test = json.loads((repo / "metrics/test.json").read_text())
     assert run.data.metrics["test_accuracy"] == pytest.approx(test["accuracy"])
     artifacts = {a.path for folder in ("val", "test")
@@ -207,7 +215,7 @@ def test_logged_model_serves_over_http(pipeline):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    env = dict(activated(env), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
     server = subprocess.Popen(["mlflow", "models", "serve", "-m", uri, "--env-manager",
                                "local", "--host", "127.0.0.1", "--port", str(port)],
                               cwd=repo, env=env, stdout=subprocess.DEVNULL,
@@ -236,17 +244,17 @@ def test_logged_model_serves_over_http(pipeline):
 
 def test_second_repro_does_nothing(pipeline):
     repo, env, _ = pipeline
-    out = run(["dvc", "repro"], repo, env)
+    out = run([*DVC, "repro"], repo, env)
     assert "Data and pipelines are up to date" in out
-    assert "up to date" in run(["dvc", "status"], repo, env)
+    assert "up to date" in run([*DVC, "status"], repo, env)
 
 
 def test_experiment_variant_is_one_command_and_comparable(pipeline):
     repo, env, _ = pipeline
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
-    run(["dvc", "exp", "run", "-n", "tiny-h32", "-S", "model.hidden_dim=32"], repo, env)
-    shown = json.loads(run(["dvc", "exp", "show", "--json"], repo, env))
+    run([*DVC, "exp", "run", "-n", "tiny-h32", "-S", "model.hidden_dim=32"], repo, env)
+    shown = json.loads(run([*DVC, "exp", "show", "--json"], repo, env))
     names = [e.get("name") for row in shown for e in [row] + [
         x for exp in row.get("experiments") or [] for x in exp.get("revs", [])]]
     assert "tiny-h32" in names
@@ -262,7 +270,7 @@ def test_mlproject_train_entry_logs_a_run(pipeline):
     repo, env, _ = pipeline
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "before mlflow run", "--allow-empty"], repo, env)
-    env = dict(env, MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    env = dict(activated(env), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
     out = run(["mlflow", "run", ".", "--env-manager", "local", "--experiment-name",
                "fashion-mnist-crnn", "-e", "train", "-P", "hidden_dim=24", "-P", "epochs=1"],
               repo, env)
@@ -273,3 +281,44 @@ def test_mlproject_train_entry_logs_a_run(pipeline):
     assert logged.data.params["model.hidden_dim"] == "24"
     assert logged.data.params["train.epochs"] == "1"
     assert "test_accuracy" in logged.data.metrics
+
+
+def test_a_second_clone_gets_the_exact_artifacts_through_a_dvc_remote(pipeline, tmp_path):
+    """Push results from one clone; a second clone `dvc pull`s them, is up to date without
+    training, and its pulled model scores the committed test accuracy. An experiment travels
+    too, with `dvc exp push` / `dvc exp pull`."""
+    import torch
+
+    from fmnist_crnn import data, evaluate
+
+    repo, env, _ = pipeline
+    origin, store = tmp_path / "origin.git", tmp_path / "dvc-store"
+    run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
+    run([*DVC, "remote", "add", "-d", "shared", str(store)], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "results", "--allow-empty"], repo, env)
+    run(["git", "remote", "add", "origin", str(origin)], repo, env)
+    run(["git", "push", "-q", "origin", "HEAD:refs/heads/main"], repo, env)
+    run([*DVC, "push"], repo, env)
+    run([*DVC, "exp", "run", "-n", "remote-h16", "-S", "model.hidden_dim=16",
+         "-S", "train.epochs=1"], repo, env)
+    run([*DVC, "exp", "push", "origin", "remote-h16"], repo, env)
+
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", "-b", "main", str(origin), str(clone)], tmp_path, env)
+    clone_env = stranger_env(clone)
+    run([*DVC, "pull"], clone, clone_env)
+    assert "up to date" in run([*DVC, "status"], clone, clone_env)
+    assert "Data and pipelines are up to date" in run([*DVC, "repro"], clone, clone_env)
+
+    committed = json.loads((clone / "metrics/test.json").read_text())
+    model = evaluate.load_checkpoint(clone / "models/model.pt")
+    images, labels = data.load_split(clone / "data/split", "test")
+    logits = evaluate.predict_logits(model, images, 256, torch.device("cpu"))
+    logits = (logits + evaluate.predict_logits(model, images.flip(-1), 256,
+                                               torch.device("cpu"))) / 2  # tta_hflip: true
+    assert float((logits.argmax(1) == labels).float().mean()) == committed["accuracy"]
+
+    run([*DVC, "exp", "pull", "origin", "remote-h16"], clone, clone_env)
+    shown = run([*DVC, "exp", "show", "--json"], clone, clone_env)
+    assert "remote-h16" in shown

@@ -1,5 +1,4 @@
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from fmnist_crnn import study
 from fmnist_crnn.config import load_params
 from fmnist_crnn.model import CRNN
 
-from .conftest import REPO
+from .conftest import DVC, REPO, stranger_env
 
 
 @pytest.mark.parametrize("name", list(study.ALL_VARIANTS))
@@ -92,6 +91,39 @@ def test_tta_runs_get_a_row_without_tta_just_above():
     assert summary[1]["delta_vs_row_above"] == pytest.approx(3.9)
 
 
+def test_comparison_is_rebuilt_from_records_and_names_missing_runs(tmp_path):
+    from fmnist_crnn.study import records
+    from fmnist_crnn.study.comparison import compare
+
+    plan = {f"s-{v}-{seed}": {"variant": v, "seed": seed, "overrides": {}}
+            for v in ("baseline", "hidden256") for seed in (1, 2)}
+    records.add_to_plan(tmp_path, "s", plan)
+    folder = records.runs_dir(tmp_path, "s")
+    for name, acc in (("s-baseline-1", 0.89), ("s-baseline-2", 0.891),
+                      ("s-hidden256-1", 0.9)):
+        variant = name.split("-")[1]
+        rec = {**record(variant, int(name[-1]), acc), "name": name,
+               "history": {"val_acc": [0.8, acc]}}
+        (folder / f"{name}.json").write_text(json.dumps(rec))
+    path = compare("s", tmp_path)
+    text = path.read_text()
+    assert "Runs recorded: 3" in text and "Missing (1): s-hidden256-2" in text
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["missing"] == ["s-hidden256-2"]
+    assert [len(v["runs"]) for v in report["variants"]] == [2, 1]
+    assert (tmp_path / "s_val_acc.png").stat().st_size > 0
+
+
+def test_variants_are_data_a_user_can_extend():
+    from fmnist_crnn.study import catalog
+
+    assert list(catalog.VARIANTS) == ["baseline", "conv2", "pool2", "kernels222", "kernels333",
+                                      "kernels555", "hidden256", "dropout01", "dropout01x1",
+                                      "final"]
+    assert catalog.VARIANTS["hidden256"].overrides == {"model.hidden_dim": 256}
+    assert (catalog.HERE / "variants.yaml").exists()
+
+
 def test_variant_command_is_one_dvc_exp_run():
     command = study.variant_command(study.VARIANTS["final"])
     assert command == ("dvc exp run -n final -S model.hidden_dim=256 "
@@ -161,12 +193,9 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
     params["train"]["epochs"] = 1
     params["tracking"]["log_model"] = False
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@t")
-    for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "init"], ["dvc", "repro", "split"],
+    env = stranger_env(repo)
+    for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"], ["git", "add", "-A"],
+                ["git", "commit", "-qm", "init"], [*DVC, "repro", "split"],
                 ["git", "add", "-A"], ["git", "commit", "-qm", "data"]):
         proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr
@@ -176,8 +205,12 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    summary = json.loads((repo / "reports/study/tiny.json").read_text())
+    report = json.loads((repo / "reports/study/tiny.json").read_text())
+    assert report["missing"] == []
+    summary = report["variants"]
     assert [s["variant"] for s in summary] == ["baseline", "hidden256"]
+    recorded = sorted(p.name for p in (repo / "reports/study/runs/tiny").glob("*.json"))
+    assert recorded == ["plan.json", "tiny-baseline-s42.json", "tiny-hidden256-s42.json"]
     table = (repo / "reports/study/tiny.md").read_text()
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fashion-mnist-crnn"], output_format="list",
@@ -190,3 +223,16 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
         assert row["runs"][0]["test_accuracy"] == pytest.approx(acc)
         assert f"{acc * 100:.2f}" in table
     assert (repo / "reports/study/tiny_val_acc.png").exists()
+    for row in summary:  # each record carries its curve and the environment it ran in
+        [run_record] = row["runs"]
+        assert len(run_record["history"]["val_acc"]) == 1
+        assert run_record["environment"]["torch_threads"]
+
+    # Run again: everything is recorded, nothing is queued, the table is rebuilt.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
+         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study"],
+        cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 planned, 2 recorded, 0 to run" in proc.stdout
+    assert "queued" not in proc.stdout

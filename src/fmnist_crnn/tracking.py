@@ -315,3 +315,33 @@ def _param_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_param_value(v) for v in value) + "]"
     return str(value)
+
+
+def study_runs(experiment_name: str, study: str,
+               keys: tuple[str, ...] = ("val_acc", "val_loss", "train_acc", "train_loss"),
+               ) -> dict[str, dict[str, Any]]:
+    """The finished MLflow runs tagged ``study``, by DVC experiment name (the latest run of a
+    name: an aborted earlier attempt may share it): run id, per-epoch history of ``keys`` and
+    the ``env.*`` tags."""
+    import mlflow
+
+    configure(experiment_name)
+    client = mlflow.MlflowClient()
+    runs = mlflow.search_runs(experiment_names=[experiment_name], output_format="list",
+                              filter_string=f"tags.study = '{study}'",
+                              order_by=["attributes.start_time DESC"])
+    found: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        name = run.data.tags.get("dvc_exp_name")
+        if not name or name in found or run.info.status != "FINISHED":
+            continue
+        history = {}
+        for key in keys:
+            points = client.get_metric_history(run.info.run_id, key)
+            by_step = {m.step: m.value for m in sorted(points, key=lambda m: m.timestamp)}
+            history[key] = [by_step[s] for s in sorted(by_step)]  # a resumed epoch counts once
+        found[name] = {"run_id": run.info.run_id, "history": history,
+                       "environment": {k.removeprefix("env."): v
+                                       for k, v in run.data.tags.items()
+                                       if k.startswith("env.")}}
+    return found

@@ -1,0 +1,146 @@
+"""``python -m fmnist_crnn.study``: run a study as queued DVC experiments, record each finished
+run, compare.
+
+``run`` plans every variant x seed, queues those without a record (``dvc exp run --queue``),
+runs the queue and, while it runs, writes a record for each experiment that finishes. Run it
+again with the same ``--study`` after an interruption: recorded runs are skipped, the rest are
+queued again. ``compare`` rebuilds the table from the records alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fmnist_crnn.study import catalog, comparison, queue, records
+
+
+def collect(study: str, out_dir: Path) -> list[str]:
+    """Record every finished experiment of ``study`` that has no record yet."""
+    from fmnist_crnn import tracking
+    from fmnist_crnn.config import load_params
+
+    # --all-commits: a study queued on an earlier commit stays visible after new commits.
+    shown = json.loads(queue.dvc("exp", "show", "--json", "--all-commits"))
+    done = {r["name"] for r in records.read_records(out_dir, study)}
+    if all(r["name"] in done for r in records.collect_experiments(study, shown)):
+        return []
+    experiment = load_params("params.yaml").tracking.experiment_name
+    written = records.record_new(study, out_dir, shown, tracking.study_runs(experiment, study))
+    for name in written:
+        print(f"recorded {name}", flush=True)
+    return written
+
+
+def run_study(args: argparse.Namespace) -> Path:
+    from fmnist_crnn import tracking
+    from fmnist_crnn.config import load_params
+
+    params = load_params("params.yaml")
+    out_dir = Path(args.out)
+    study = args.study or datetime.now(UTC).strftime("study-%Y%m%d-%H%M")
+    first = args.first_seed if args.first_seed is not None else params.train.seed
+    seeds = [first + i for i in range(args.seeds)]
+    extra: dict[str, Any] = {}
+    if args.epochs:
+        extra["train.epochs"] = args.epochs
+    if args.limit:
+        extra["split.limit"] = args.limit
+    for item in args.set:
+        key, _, value = item.partition("=")
+        extra[key] = yaml.safe_load(value)
+    # Seed-major order: if the queue is stopped early, every variant has the same seeds done.
+    plan = {}
+    for seed in seeds:
+        for name in args.variants:
+            variant = catalog.ALL_VARIANTS[name]
+            plan[catalog.experiment_name(study, name, seed)] = {
+                "variant": name, "seed": seed,
+                "overrides": catalog.run_overrides(variant, seed, study, extra)}
+    records.add_to_plan(out_dir, study, plan)
+    # Create the tracking store and experiment once, before parallel workers race to.
+    tracking.configure(params.tracking.experiment_name)
+    collect(study, out_dir)
+    done = {r["name"] for r in records.read_records(out_dir, study)}
+    todo = [(name, catalog.override_args(spec["overrides"]))
+            for name, spec in plan.items() if name not in done]
+    print(f"study {study}: {len(plan)} planned, {len(plan) - len(todo)} recorded, "
+          f"{len(todo)} to run")
+    if todo:
+        queue.queue_runs(todo)
+        queue.dvc("queue", "start", "-j", str(args.jobs))
+        queue.wait(args.jobs, on_poll=lambda: collect(study, out_dir), poll_s=args.poll)
+        collect(study, out_dir)
+    path = comparison.compare(study, out_dir)
+    missing = comparison.missing_runs({"runs": plan}, records.read_records(out_dir, study))
+    if missing:
+        raise RuntimeError(f"{len(missing)} run(s) have no result: {', '.join(missing)}; "
+                           "see `dvc queue logs <name>`, then run the same command again")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fmnist_crnn.study", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="queue the variants, run the queue, record, compare")
+    run.add_argument("--variants", nargs="+", default=list(catalog.VARIANTS),
+                     choices=list(catalog.ALL_VARIANTS),
+                     help="default: the study's ablations; the recipe's steps are "
+                     f"{', '.join(catalog.RECIPE_VARIANTS)}")
+    run.add_argument("--seeds", type=int, default=1, help="seeds per variant (train.seed + i)")
+    run.add_argument("--first-seed", type=int, help="first seed (default train.seed)")
+    run.add_argument("--epochs", type=int, help="override train.epochs (cheap mode)")
+    run.add_argument("--limit", type=int, help="override split.limit (cheap mode)")
+    run.add_argument("--jobs", type=int, default=1, help="parallel DVC queue workers")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="extra override for every run, e.g. train.num_threads=1")
+    run.add_argument("--study", help="study id (default: study-<UTC time>)")
+    run.add_argument("--out", default="reports/study")
+    run.add_argument("--poll", type=float, default=60.0, help="seconds between queue checks")
+    col = sub.add_parser("collect", help="record the study's finished experiments")
+    cmp_ = sub.add_parser("compare", help="rebuild the comparison from the run records")
+    for p in (col, cmp_):
+        p.add_argument("--study", required=True)
+        p.add_argument("--out", default="reports/study")
+    lst = sub.add_parser("commands", help="print the one-line command for each variant")
+    lst.add_argument("--epochs", type=int)
+    recipe = sub.add_parser("recipe", help="run a recipe as one named DVC experiment in the "
+                            "workspace (`dvc exp run -n best -S ...`): "
+                            f"{' or '.join(catalog.RECIPES)}")
+    recipe.add_argument("recipe", choices=list(catalog.RECIPES))
+    recipe.add_argument("--seed", type=int, help="train.seed (default: params.yaml's)")
+    recipe.add_argument("--name", help="experiment name (default: the recipe's)")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "run":
+            run_study(args)
+        elif args.command == "collect":
+            collect(args.study, Path(args.out))
+        elif args.command == "compare":
+            comparison.compare(args.study, Path(args.out))
+        elif args.command == "recipe":
+            extra = {"train.seed": args.seed} if args.seed is not None else {}
+            words = ["exp", "run", "-n", args.name or args.recipe,
+                     *catalog.override_args({**catalog.RECIPES[args.recipe], **extra})]
+            print("dvc " + " ".join(words), flush=True)
+            queue.dvc(*words, capture=False)
+        else:
+            extra = {"train.epochs": args.epochs} if args.epochs else {}
+            for variant in catalog.ALL_VARIANTS.values():
+                overrides = catalog.scale_to_epochs(variant.overrides, args.epochs)
+                print(f"{variant.name:12s} " + catalog.variant_command(
+                    catalog.Variant(variant.name, "", overrides), extra))
+    except RuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Variants and recipes, read from the YAML files beside this module, and the `dvc exp run`
+arguments that run them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    change: str
+    overrides: dict[str, Any]
+    reported: str = ""  # what the course report says about it
+
+
+def _load(name: str) -> Any:
+    return yaml.safe_load((HERE / name).read_text())
+
+
+def load_variants() -> dict[str, Variant]:
+    return {name: Variant(name, entry["change"], dict(entry.get("overrides") or {}),
+                          str(entry.get("reported", "")))
+            for name, entry in _load("variants.yaml").items()}
+
+
+def load_ladder() -> tuple[int, dict[str, Variant]]:
+    """The recipe's epoch count and its cumulative steps, in order."""
+    spec = _load("recipes.yaml")
+    steps, overrides = {}, {}
+    for step in spec["steps"]:
+        overrides = {**overrides, **step["overrides"]}
+        steps[step["name"]] = Variant(step["name"], step["change"], overrides)
+    return spec["epochs"], steps
+
+
+VARIANTS = load_variants()
+RECIPE_EPOCHS, RECIPE_VARIANTS = load_ladder()
+ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS}
+RECIPE = RECIPE_VARIANTS["best"].overrides
+
+
+def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, Any]:
+    """The recipe's warmup is a share of its epochs: keep that share when epochs change."""
+    if not epochs or "train.warmup_epochs" not in overrides:
+        return overrides
+    share = overrides["train.warmup_epochs"] / RECIPE_EPOCHS
+    return {**overrides, "train.warmup_epochs": round(share * epochs, 3)}
+
+
+def _recipes() -> dict[str, dict[str, Any]]:
+    recipes = {}
+    for name, spec in _load("recipes.yaml")["recipes"].items():
+        overrides = RECIPE_VARIANTS[spec["step"]].overrides
+        if spec.get("epochs"):
+            overrides = {**scale_to_epochs(overrides, spec["epochs"]),
+                         "train.epochs": spec["epochs"]}
+        recipes[name] = overrides
+    return recipes
+
+
+RECIPES = _recipes()
+
+
+def override_args(overrides: dict[str, Any]) -> list[str]:
+    """``-S key=value`` arguments in the override syntax `dvc exp run -S` parses."""
+    args = []
+    for key, value in overrides.items():
+        args += ["-S", f"{key}={_literal(value)}"]
+    return args
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, list):
+        return "[" + ",".join(_literal(v) for v in value) + "]"
+    return str(value)
+
+
+def experiment_name(study: str, variant: str, seed: int) -> str:
+    if study == variant:  # `--study best --variants best`: best-s42, not best-best-s42
+        return f"{variant}-s{seed}"
+    return f"{study}-{variant}-s{seed}"
+
+
+def variant_command(variant: Variant, extra: dict[str, Any] | None = None) -> str:
+    """The one command that runs this variant on its own (for the README)."""
+    words = ["dvc", "exp", "run", "-n", variant.name]
+    words += override_args({**variant.overrides, **(extra or {})})
+    return " ".join(f"'{w}'" if any(c in w for c in "[]") else w for w in words)
+
+
+def run_overrides(variant: Variant, seed: int, study: str,
+                  extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything one queued run of a study sets: the variant, the study's extras, the seed
+    and the tags that find it again."""
+    return {**scale_to_epochs(variant.overrides, extra.get("train.epochs")), **extra,
+            "train.seed": seed, "tracking.study": study, "tracking.variant": variant.name}

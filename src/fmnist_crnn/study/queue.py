@@ -1,0 +1,70 @@
+"""Driving DVC's experiment queue: queue the planned runs that have no result yet, start the
+workers, wait. DVC does the running; this module only calls its commands."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+
+def dvc(*args: str, capture: bool = True) -> str:
+    # The dvc of this interpreter's environment, whatever PATH says; `dvc queue start` spawns
+    # its workers as `dvc` from PATH, so put this environment's bin/ first there too.
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture,
+                          text=True, env=env)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {detail}")
+    return proc.stdout if capture else ""
+
+
+def queue_status() -> dict[str, str]:
+    """Experiment name -> Queued / Running / Success / Failed, from `dvc queue status`."""
+    states = {}
+    for line in dvc("queue", "status").splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[-1] in ("Queued", "Running", "Success", "Failed"):
+            states[words[1]] = words[-1]
+    return states
+
+
+def queue_runs(runs: Iterable[tuple[str, list[str]]]) -> list[str]:
+    """Queue each (name, -S arguments) that is not queued or running already."""
+    states = queue_status()
+    queued = []
+    for name, args in runs:
+        if states.get(name) in ("Queued", "Running"):
+            print(f"{name}: already {states[name].lower()}")
+            continue
+        dvc("exp", "run", "--queue", "-n", name, *args)
+        queued.append(name)
+        print(f"queued {name}")
+    return queued
+
+
+def wait(jobs: int, on_poll: Callable[[], None] = lambda: None, poll_s: float = 60.0) -> None:
+    """Block until no queued or running experiment is left, calling ``on_poll`` each round.
+
+    Workers can exit with tasks still queued (a `dvc queue stop` issued earlier reaches the
+    next workers too): then start them again.
+    """
+    while True:
+        on_poll()
+        status = dvc("queue", "status")
+        active = [line for line in status.splitlines() if re.search(r"\b(Queued|Running)\b", line)]
+        if not active:
+            return
+        workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
+        if workers and workers.groups() == ("0", "0"):
+            print("no queue worker is left; starting them again")
+            dvc("queue", "start", "-j", str(jobs))
+        print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running",
+              flush=True)
+        time.sleep(poll_s)

@@ -1,0 +1,119 @@
+"""One JSON record per finished run of a study, under ``<out>/runs/<study>/``.
+
+Records are what the comparison is built from. They are small text files meant to be
+committed: local experiment refs and the local MLflow store may not follow a study to the next
+machine, but a record does, so a study can be run over several sittings and its table rebuilt
+from git alone.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from fmnist_crnn.files import atomic_write_json
+
+PLAN_FILE = "plan.json"
+
+
+def runs_dir(out_dir: Path, study: str) -> Path:
+    return out_dir / "runs" / study
+
+
+def read_records(out_dir: Path, study: str) -> list[dict[str, Any]]:
+    folder = runs_dir(out_dir, study)
+    paths = sorted(p for p in folder.glob("*.json") if p.name != PLAN_FILE)
+    return [json.loads(p.read_text()) for p in paths]
+
+
+def read_plan(out_dir: Path, study: str) -> dict[str, Any]:
+    path = runs_dir(out_dir, study) / PLAN_FILE
+    return json.loads(path.read_text()) if path.exists() else {"runs": {}}
+
+
+def add_to_plan(out_dir: Path, study: str, runs: dict[str, dict[str, Any]]) -> None:
+    """Remember every planned run (name -> variant, seed, overrides), so the comparison can
+    say which are missing."""
+    plan = read_plan(out_dir, study)
+    plan["runs"] = {**plan["runs"], **runs}
+    atomic_write_json(runs_dir(out_dir, study) / PLAN_FILE, plan)
+
+
+def collect_experiments(study: str, exp_show: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Flatten ``dvc exp show --json`` into one record per finished experiment of ``study``."""
+    records = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, dict):
+            data = node.get("data")
+            # A failed experiment carries an error; a running one reports rev "workspace" with
+            # whatever its temporary copy holds: neither has results of its own yet.
+            finished = not node.get("error") and not (
+                node.get("name") and isinstance(data, dict) and data.get("rev") == "workspace")
+            if isinstance(data, dict) and "params" in data and finished:
+                record = _record(node, data)
+                if record and record["study"] == study:
+                    records.append(record)
+            for value in node.values():
+                if isinstance(value, (dict, list)):
+                    visit(value)
+        elif isinstance(node, list):
+            for item in node:
+                visit(item)
+
+    visit(exp_show)
+    unique = {r["name"]: r for r in records}  # one experiment can appear under two baselines
+    return sorted(unique.values(), key=lambda r: r["name"])
+
+
+def _record(node: dict[str, Any], data: dict[str, Any]) -> dict[str, Any] | None:
+    params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
+    tracking_params = params.get("tracking") or {}
+    metrics = data.get("metrics") or {}
+    test = (metrics.get("metrics/test.json") or {}).get("data") or {}
+    train = (metrics.get("metrics/train.json") or {}).get("data") or {}
+    if not tracking_params.get("study") or "accuracy" not in test:
+        return None
+    train_params = params.get("train") or {}
+    return {
+        "name": node.get("name") or data.get("name") or node.get("rev"),
+        "rev": data.get("rev") or node.get("rev"),
+        "study": tracking_params["study"],
+        "variant": tracking_params.get("variant"),
+        "seed": train_params.get("seed"),
+        "epochs": train_params.get("epochs"),
+        "num_threads": train_params.get("num_threads"),
+        "limit": (params.get("split") or {}).get("limit"),
+        "params": params,
+        "test_accuracy": test.get("accuracy"),
+        "test_accuracy_without_tta": test.get("accuracy_without_tta"),
+        "test_loss": test.get("loss"),
+        "test_macro_f1": test.get("macro_f1"),
+        "best_val_acc": train.get("best_val_acc"),
+        "best_epoch": train.get("best_epoch"),
+        "params_count": train.get("params_count"),
+        "train_seconds": train.get("train_seconds"),
+        "seconds_to_val_acc_90": train.get("seconds_to_val_acc_90"),
+        "seconds_to_val_acc_93": train.get("seconds_to_val_acc_93"),
+    }
+
+
+def record_new(study: str, out_dir: Path, exp_show: list[dict[str, Any]],
+               tracked: dict[str, dict[str, Any]]) -> list[str]:
+    """Write a record for each finished experiment of ``study`` that has none yet; ``tracked``
+    maps experiment names to their MLflow run (id, per-epoch history, environment)."""
+    folder = runs_dir(out_dir, study)
+    written = []
+    for record in collect_experiments(study, exp_show):
+        path = folder / f"{record['name']}.json"
+        if path.exists():
+            continue
+        run = tracked.get(record["name"], {})
+        record.update(mlflow_run_id=run.get("run_id"), history=run.get("history", {}),
+                      environment=run.get("environment", {}),
+                      recorded_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        atomic_write_json(path, record)
+        written.append(record["name"])
+    return written
