@@ -24,8 +24,13 @@ STUDY_ARGS = --study $(STUDY) --seeds $(SEEDS) --jobs $(JOBS) --set train.num_th
 
 setup: $(STAMP) data-source
 
+# An existing venv is kept (only the packages are brought in line with the lock): recreating
+# it in place with another interpreter than the one that made it would break it.
 $(STAMP): requirements.lock pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { rm -rf $(VENV); \
+	  echo "error: '$(PYTHON) -m venv' failed; install Python 3.11 with venv (Debian:" \
+	       "apt-get install python3.11-venv) or run make PYTHON=/path/to/python3.11" >&2; \
+	  exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.lock
 	$(BIN)/python -m pip install --quiet --no-deps -e .
