@@ -28,32 +28,44 @@ def run(cmd, cwd, env):
     return proc.stdout + proc.stderr
 
 
-def make_pipeline(tmp_path_factory):
-    """A fresh git + DVC repository with the project's pipeline on a slice, after `dvc repro`."""
+def require_data() -> None:
     if not data_available():
         if os.environ.get("CI"):
             pytest.fail(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
         pytest.skip(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
-    repo = tmp_path_factory.mktemp("pipeline")
-    for item in ("dvc.yaml", "stages", "src", "MLproject", "python_env.yaml"):
+
+
+def make_repo(tmp_path_factory, params_update=None, extra_env=None, name="pipeline"):
+    """A fresh git + DVC repository with the project's pipeline, nothing run yet."""
+    require_data()
+    repo = tmp_path_factory.mktemp(name)
+    for item in ("dvc.yaml", "stages", "src", "MLproject", "python_env.yaml", ".gitignore"):
         src = REPO / item
         (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["split"]["limit"] = 6000
-    params["train"]["epochs"] = 2
-    # The recipe's code paths too: augmentation, EMA, a schedule and test-time flips.
-    params["augment"].update(crop_padding=2, hflip=True, erasing=0.25)
-    params["train"].update(ema_decay=0.9, schedule="cosine", warmup_epochs=0.5)
-    params["evaluate"]["tta_hflip"] = True
+    for section, values in (params_update or {}).items():
+        params[section].update(values)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    shutil.copy(REPO / ".gitignore", repo / ".gitignore")
     # Not activated: `python` on PATH is the system's, without torch. The stages must find
     # the project's interpreter themselves (stages/run.sh), as in a stranger's fresh shell.
-    env = stranger_env(repo)
+    env = {**stranger_env(repo), **(extra_env or {})}
     run(["git", "init", "-q"], repo, env)
     run([*DVC, "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
+    return repo, env
+
+
+# The recipe's code paths too: augmentation, EMA, a schedule and test-time flips.
+SLICE = {"split": {"limit": 6000}, "train": {"epochs": 2, "ema_decay": 0.9, "schedule": "cosine",
+                                             "warmup_epochs": 0.5},
+         "augment": {"crop_padding": 2, "hflip": True, "erasing": 0.25},
+         "evaluate": {"tta_hflip": True}}
+
+
+def make_pipeline(tmp_path_factory):
+    """A fresh git + DVC repository with the project's pipeline on a slice, after `dvc repro`."""
+    repo, env = make_repo(tmp_path_factory, SLICE)
     out = run([*DVC, "repro"], repo, env)
     return repo, env, out
 
@@ -322,3 +334,34 @@ def test_a_second_clone_gets_the_exact_artifacts_through_a_dvc_remote(pipeline, 
     run([*DVC, "exp", "pull", "origin", "remote-h16"], clone, clone_env)
     shown = run([*DVC, "exp", "show", "--json"], clone, clone_env)
     assert "remote-h16" in shown
+
+
+def test_a_bad_value_through_dvc_exp_run_changes_no_output(pipeline):
+    """DVC deletes a stage's outputs before running it: the validate stage, first in the
+    graph, must refuse the value before any stage with outputs runs."""
+    repo, env, _ = pipeline
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "before the bad value", "--allow-empty"], repo, env)
+    outputs = ["models/model.pt", "metrics/train.json", "metrics/test.json", "plots/history.csv",
+               "models/mlflow_run.json", "checkpoints/last.pt", "reports/report.md"]
+    before = {p: (repo / p).read_bytes() for p in outputs}
+
+    # In the workspace, DVC writes the -S value into params.yaml before running: that one
+    # line is the only change, and `git checkout params.yaml` undoes it.
+    proc = subprocess.run([*DVC, "exp", "run", "-S", "train.batch_size=0"], cwd=repo, env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert "invalid value for 'train.batch_size': 0" in proc.stdout + proc.stderr
+    assert {p: (repo / p).read_bytes() for p in outputs} == before
+    changed = run(["git", "status", "--porcelain"], repo, env).split()
+    assert changed == ["M", "params.yaml"]
+    run(["git", "checkout", "params.yaml"], repo, env)
+    assert "up to date" in run([*DVC, "status"], repo, env)
+
+    # In a temporary copy (--temp, as queued runs do), the workspace is not touched at all.
+    proc = subprocess.run([*DVC, "exp", "run", "--temp", "-S", "model.hidden_dim=-3"],
+                          cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "model.hidden_dim" in proc.stdout + proc.stderr
+    assert run(["git", "status", "--porcelain"], repo, env) == ""
+    assert "up to date" in run([*DVC, "status"], repo, env)
+    assert {p: (repo / p).read_bytes() for p in outputs} == before

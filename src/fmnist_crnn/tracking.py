@@ -345,3 +345,31 @@ def study_runs(experiment_name: str, study: str,
                                        for k, v in run.data.tags.items()
                                        if k.startswith("env.")}}
     return found
+
+
+def _auth_client() -> Any:
+    """MLflow's basic-auth client for the tracking server; the caller's credentials come from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    from mlflow.server import get_app_client
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        raise TrackingError(f"users and permissions live on a tracking server; "
+                            f"MLFLOW_TRACKING_URI is {uri}")
+    return get_app_client("basic-auth", tracking_uri=uri)
+
+
+def create_user(username: str, password: str) -> None:
+    _auth_client().create_user(username=username, password=password)
+
+
+def grant_experiment(username: str, experiment_name: str, permission: str) -> None:
+    """Give ``username`` ``permission`` on the experiment (replacing an earlier grant)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise TrackingError(f"no experiment named '{experiment_name}' at {tracking_uri()}")
+    _auth_client().grant_user_permission(username, "experiment", experiment.experiment_id,
+                                         permission)

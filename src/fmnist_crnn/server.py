@@ -1,0 +1,126 @@
+"""``make server``: MLflow's own tracking server for a team, configured from the environment.
+
+Nothing here serves a request: this module writes MLflow's basic-auth configuration and starts
+``mlflow server`` with a PostgreSQL backend store, proxied artifacts (a folder or an
+S3-compatible bucket) and the ``basic-auth`` app. Secrets come from the environment only:
+
+    MLFLOW_BACKEND_STORE_URI        postgresql+psycopg2://user:password@host:5432/mlflow
+    MLFLOW_AUTH_DATABASE_URI        users and permissions (default: the backend store's
+                                    server, database ``<name>_auth``)
+    MLFLOW_ARTIFACTS_DESTINATION    /srv/mlflow-artifacts or s3://bucket/prefix (S3: AWS_* and
+                                    MLFLOW_S3_ENDPOINT_URL for a non-AWS endpoint)
+    MLFLOW_AUTH_ADMIN_USERNAME      the first administrator (default admin)
+    MLFLOW_AUTH_ADMIN_PASSWORD      its password, read on the first start only
+    MLFLOW_FLASK_SERVER_SECRET_KEY  signs the UI's sessions and CSRF tokens
+
+The default permission is NO_PERMISSIONS: a user reads and writes only the experiments the
+creator or an administrator granted (``python -m fmnist_crnn.server grant``); the creator of an
+experiment manages it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+REQUIRED = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
+            "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
+DEFAULT_PERMISSION = "NO_PERMISSIONS"
+
+
+class ServerConfigError(RuntimeError):
+    """A setting the server needs is missing or unusable."""
+
+
+def auth_database_uri(backend_uri: str) -> str:
+    """The backend store's server, database ``<name>_auth``: MLflow's user store keeps its own
+    migration history, so it gets a database of its own."""
+    parts = urlsplit(backend_uri)
+    return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_auth"))
+
+
+def auth_config(env: dict[str, str]) -> str:
+    """The basic-auth INI file's text. The admin password stays in the environment."""
+    database = env.get("MLFLOW_AUTH_DATABASE_URI") or auth_database_uri(
+        env["MLFLOW_BACKEND_STORE_URI"])
+    return "\n".join([
+        "[mlflow]",
+        f"default_permission = {DEFAULT_PERMISSION}",
+        f"database_uri = {database}",
+        f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
+        "grant_default_workspace_access = false",
+        "",
+    ])
+
+
+def server_command(env: dict[str, str], host: str, port: int, workers: int,
+                   config_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The `mlflow server` command line and environment; checks the settings first."""
+    missing = [name for name in REQUIRED if not env.get(name)]
+    if missing:
+        raise ServerConfigError(f"set {', '.join(missing)} in the environment (docs/team.md); "
+                                "secrets never go in params.yaml or git")
+    backend = env["MLFLOW_BACKEND_STORE_URI"]
+    if backend.startswith("postgresql://"):
+        raise ServerConfigError(
+            "MLFLOW_BACKEND_STORE_URI: say postgresql+psycopg2://... (the pinned driver); a "
+            "plain postgresql:// makes SQLAlchemy look for psycopg 3, which is not installed")
+    config_dir.mkdir(parents=True, exist_ok=True)
+    ini = config_dir / "basic_auth.ini"
+    ini.write_text(auth_config(env))
+    ini.chmod(0o600)
+    command = [sys.executable, "-m", "mlflow", "server",
+               "--backend-store-uri", backend,
+               "--serve-artifacts", "--artifacts-destination",
+               env["MLFLOW_ARTIFACTS_DESTINATION"],
+               "--app-name", "basic-auth",
+               "--host", host, "--port", str(port), "--workers", str(workers)]
+    return command, {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m fmnist_crnn.server", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="start mlflow server (PostgreSQL, artifacts, auth)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=5000)
+    serve.add_argument("--workers", type=int, default=2)
+    serve.add_argument("--config-dir", type=Path, default=Path(".mlflow-server"),
+                       help="where the generated basic_auth.ini goes")
+    user = sub.add_parser("add-user", help="create a user (as an administrator)")
+    user.add_argument("username")
+    grant = sub.add_parser("grant", help="give a user READ/EDIT/MANAGE on an experiment")
+    grant.add_argument("username")
+    grant.add_argument("experiment", help="experiment name")
+    grant.add_argument("--permission", default="READ",
+                       choices=["READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS"])
+    args = p.parse_args(argv)
+    try:
+        if args.command == "serve":
+            command, env = server_command(dict(os.environ), args.host, args.port,
+                                          args.workers, args.config_dir)
+            print(" ".join(command), flush=True)
+            os.execve(command[0], command, env)  # noqa: S606 (replace this process)
+        from fmnist_crnn import tracking
+
+        if args.command == "add-user":
+            password = os.environ.get("FMNIST_NEW_USER_PASSWORD")
+            if not password:
+                raise ServerConfigError("set FMNIST_NEW_USER_PASSWORD to the new user's "
+                                        "password (kept out of the shell history)")
+            tracking.create_user(args.username, password)
+        else:
+            tracking.grant_experiment(args.username, args.experiment, args.permission)
+        print("done")
+    except (ServerConfigError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Real services for the team tests, started on loopback by the tests themselves: PostgreSQL
+(Debian's package; as the `postgres` user when the tests run as root, since initdb refuses
+root), an S3-compatible server (moto's server mode) and `mlflow server`."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def need(what: str, available: bool) -> None:
+    """Skip without ``what``, except in CI, where a missing service is a failure."""
+    if not available:
+        message = f"{what} is not installed (CI installs it: .ci/run)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    if os.geteuid() == 0:
+        return ["runuser", "-u", "postgres", "--", *cmd]
+    return cmd
+
+
+@contextlib.contextmanager
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL cluster; yields the superuser's URI without a database name."""
+    need("PostgreSQL (Debian package postgresql)", bool(PG_BIN))
+    bin_dir = PG_BIN[-1].parent
+    root = Path(tempfile.mkdtemp(prefix="fmnist-pg-"))
+    root.chmod(0o755)  # the postgres user must reach its data folder
+    data, sockets = root / "data", root / "sock"
+    for folder in (data, sockets):
+        folder.mkdir()
+        if os.geteuid() == 0:
+            shutil.chown(folder, "postgres", "postgres")
+    port = free_port()
+    password = "pg-test-password"
+    pwfile = root / "pw"
+    pwfile.write_text(password)
+    if os.geteuid() == 0:
+        shutil.chown(pwfile, "postgres", "postgres")
+    subprocess.run(_as_postgres([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres",
+                                 "--auth=scram-sha-256", f"--pwfile={pwfile}", "-E", "UTF8"]),
+                   check=True, capture_output=True)
+    log = root / "server.log"
+    if os.geteuid() == 0:
+        log.touch()
+        shutil.chown(log, "postgres", "postgres")
+    subprocess.run(_as_postgres([
+        str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "start",
+        "-o", f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1"]),
+        check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg2://postgres:{password}@127.0.0.1:{port}"
+    finally:
+        subprocess.run(_as_postgres([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "fast",
+                                     "stop"]), capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def create_database(server_uri: str, name: str) -> str:
+    import psycopg2
+
+    dsn = server_uri.replace("postgresql+psycopg2://", "postgresql://") + "/postgres"
+    connection = psycopg2.connect(dsn)
+    connection.autocommit = True
+    with connection.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    connection.close()
+    return f"{server_uri}/{name}"
+
+
+@contextlib.contextmanager
+def s3_server() -> Iterator[str]:
+    """moto's S3-compatible server on loopback; yields its endpoint URL."""
+    need("moto[server]", _importable("moto.server"))
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, **_aws()).create_bucket(Bucket=name)
+
+
+def list_keys(endpoint: str, bucket: str, prefix: str = "") -> list[str]:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=endpoint, **_aws())
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def _aws() -> dict[str, str]:
+    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+            "region_name": "us-east-1"}
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+@contextlib.contextmanager
+def mlflow_server(env: dict[str, str], workdir: Path) -> Iterator[str]:
+    """`make server`'s launcher (python -m fmnist_crnn.server serve) on a free port."""
+    port = free_port()
+    log = open(workdir / "mlflow-server.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_crnn.server", "serve", "--port",
+                             str(port), "--workers", "2", "--config-dir",
+                             str(workdir / "server-config")],
+                            cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise AssertionError((workdir / "mlflow-server.log").read_text()[-4000:])
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    raise AssertionError("mlflow server did not start") from None
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def stranger_base_env() -> dict[str, str]:
+    """This process's environment less tracking, DVC and project variables."""
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith(("MLFLOW_", "DVC_", "FMNIST_", "AWS_"))}
+
+
+def stranger_env_for(repo: Path) -> dict[str, str]:
+    from .conftest import stranger_env
+
+    return stranger_env(repo)
