@@ -1,21 +1,27 @@
 """DVC stage `train`: fit the CRNN, track the run in MLflow, keep the best weights."""
 
+import sys
 from pathlib import Path
 
-from fmnist_crnn import cli, train
+from fmnist_crnn import cli, distributed, train
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
 SECTIONS = ("data", "split", "model", "train", "augment", "tracking")
 
 
 def main(args, params) -> None:
+    status = distributed.torchrun(params.train.processes, sys.argv)
+    if status is not None:  # train.processes > 1: the same stage as that many processes
+        sys.exit(status)
     result = train.run_training(
         params, Path(args.split), model_path=Path(args.model),
         checkpoint_path=Path(args.checkpoint), metrics_path=Path(args.metrics),
         history_path=Path(args.history), run_path=Path(args.run),
         environment_path=Path(args.environment),
     )
-    print(f"best validation accuracy {result.best_val_acc:.2%} at epoch {result.best_epoch}")
+    if distributed.from_env().is_main:
+        print(f"best validation accuracy {result.best_val_acc:.2%} at epoch "
+              f"{result.best_epoch}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def postgres() -> Iterator[str]:
         if os.geteuid() == 0:
             shutil.chown(folder, "postgres", "postgres")
     port = free_port()
-    password = "pg-test-password"
+    password = "pg-test-password"  # noqa: S105 (a throwaway cluster on loopback)
     pwfile = root / "pw"
     pwfile.write_text(password)
     if os.geteuid() == 0:

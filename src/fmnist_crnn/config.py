@@ -134,9 +134,14 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Torch intra-op threads; 0 leaves torch's default (one per core).
     num_threads: int = 0
+    # Training processes on this machine (torchrun + DistributedDataParallel: gloo on CPU,
+    # nccl on CUDA); each trains on its own shard with batch_size images per step. A stage
+    # already started by torchrun (several machines) uses torchrun's setting instead.
+    processes: int = 1
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "train.epochs", self.epochs, "an integer >= 1")
+        _check(self.processes >= 1, "train.processes", self.processes, "an integer >= 1")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a number > 0")
         _check(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")

@@ -11,7 +11,7 @@ import tempfile
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,10 +246,15 @@ def batches(
     labels: torch.Tensor,
     batch_size: int,
     generator: torch.Generator | None = None,
+    select: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """In-memory mini-batches; shuffled with ``generator`` when one is given."""
+    """In-memory mini-batches; shuffled with ``generator`` when one is given. ``select`` maps
+    the epoch's order to the indices this process trains on (its shard, under torchrun)."""
     n = len(labels)
     order = torch.randperm(n, generator=generator) if generator is not None else None
+    if select is not None:
+        order = select(order if order is not None else torch.arange(n))
+        n = len(order)
     for start in range(0, n, batch_size):
         if order is None:
             idx = slice(start, start + batch_size)

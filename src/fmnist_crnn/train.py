@@ -23,7 +23,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from fmnist_crnn import data, tracking
+from fmnist_crnn import data, distributed, tracking
 from fmnist_crnn.config import (
     AugmentConfig,
     ModelConfig,
@@ -158,21 +158,30 @@ def fit(
     run_id: str | None = None,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     progress: bool = True,
+    ctx: distributed.Context | None = None,
 ) -> FitResult:
     """Train for ``cfg.epochs`` epochs, keeping the best-validation weights.
 
     After every epoch the full state (weights, optimizer, RNG states, history, the MLflow run
     id) is written atomically to ``checkpoint_path``; ``resume`` continues from such a state
     and ends with the same numbers as an uninterrupted run.
+
+    Under torchrun (``ctx``), every process trains on its own shard of each epoch's seeded
+    order through DistributedDataParallel, so all hold the same weights; each validates on the
+    whole split; only the main process writes the checkpoint and calls ``on_epoch``.
     """
+    ctx = ctx or distributed.Context()
     seed_everything(cfg.seed)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    device = select_device(cfg.device)
+    device = distributed.setup(ctx, select_device(cfg.device))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
     model = CRNN(model_cfg).to(device, memory_format=memory_format)
+    trained = distributed.wrap(model, ctx, device)  # what the training steps call
     optimizer = make_optimizer(model, cfg)
-    steps = data.num_batches(len(train_data[1]), cfg.batch_size)
+    shard = (lambda order: distributed.shard(order, ctx)) if ctx.enabled else None
+    shard_size = len(shard(torch.arange(len(train_data[1])))) if shard else len(train_data[1])
+    steps = data.num_batches(shard_size, cfg.batch_size)
     scheduler = make_scheduler(optimizer, cfg, steps)
     # The average's batch-norm statistics are averaged too (use_buffers).
     ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
@@ -205,15 +214,16 @@ def fit(
     val_x, val_y = val_data
     evaluated = ema.module if ema is not None else model  # what validation sees and we keep
     epochs = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="Epochs", unit="epoch",
-                  initial=start_epoch, total=cfg.epochs, disable=not progress,
+                  initial=start_epoch, total=cfg.epochs, disable=not progress or not ctx.is_main,
                   dynamic_ncols=True)
     for epoch in epochs:
         started = time.perf_counter()
         model.train()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(data.batches(train_x, train_y, cfg.batch_size, generator), total=steps,
-                   desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not progress, dynamic_ncols=True, mininterval=1.0)
+        bar = tqdm(data.batches(train_x, train_y, cfg.batch_size, generator, select=shard),
+                   total=steps, desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
+                   disable=not progress or not ctx.is_main, dynamic_ncols=True,
+                   mininterval=1.0)
         for step, (x, y) in enumerate(bar):
             if augment is not None:
                 x = data.augment_batch(x, augment, generator)
@@ -221,7 +231,7 @@ def fit(
             y = y.to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                logits = model(x)
+                logits = trained(x)
                 loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if not torch.isfinite(loss):
                 raise TrainingError(
@@ -245,6 +255,9 @@ def fit(
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
 
+        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device,
+                                                             ctx)
+        distributed.sync_buffers(model, ctx)
         val_logits = predict_logits(evaluated, val_x, cfg.batch_size, device)
         val_loss = F.cross_entropy(val_logits, val_y).item()
         val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
@@ -267,7 +280,7 @@ def fit(
         # step) instead of losing its metrics.
         if on_epoch is not None:
             on_epoch(record)
-        if checkpoint_path is not None:
+        if checkpoint_path is not None and ctx.is_main:
             atomic_torch_save({
                 "fingerprint": fingerprint,
                 "epoch": epoch,
@@ -288,6 +301,7 @@ def fit(
             }, checkpoint_path)
         signal_after_epoch(epoch)
 
+    distributed.check_same_weights(model, ctx)
     last_raw = copy.deepcopy(model) if ema is not None else None
     model.load_state_dict(best_state)
     return FitResult(model, history, best_epoch, best_val_acc, start_epoch, str(device),
@@ -305,8 +319,8 @@ def signal_after_epoch(epoch: int) -> None:
     if not setting:
         return
     at, _, name = setting.partition(":")
-    if epoch != int(at):
-        return
+    if epoch != int(at) or not distributed.from_env().is_main:
+        return  # under torchrun: the main process only; torchrun then stops the others
     if name in ("", "INT"):
         # What Python turns Ctrl-C into; raised directly, because a process started in the
         # background inherits an ignored SIGINT and would never see the signal.
@@ -332,6 +346,7 @@ def environment_info(device: str) -> dict[str, Any]:
         "cudnn": torch.backends.cudnn.version() if cuda else "none",
         "cuda_device": torch.cuda.get_device_name(0) if cuda else "none",
         "device": device,
+        "processes": distributed.from_env().world_size,
         "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
     }
 
@@ -348,6 +363,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _resume_of_main(checkpoint_path: Path, ctx: distributed.Context) -> dict[str, Any] | None:
+    """The checkpoint the main process resumes from, or None when it starts afresh."""
+    resumed = distributed.broadcast_object(None, ctx)
+    return torch.load(checkpoint_path, map_location="cpu", weights_only=True) if resumed else None
+
+
 def run_training(
     params: Params,
     split_dir: Path,
@@ -358,14 +379,27 @@ def run_training(
     run_path: Path,
     environment_path: Path | None = None,
 ) -> FitResult:
-    """The train stage: fit, track in MLflow, and write the stage's outputs."""
+    """The train stage: fit, track in MLflow, and write the stage's outputs.
+
+    Under torchrun the other processes only train: the main one (rank 0) alone decides
+    whether to resume, talks to MLflow and writes every output.
+    """
+    ctx = distributed.from_env()
+    distributed.setup(ctx, select_device(params.train.device))
     train_data = data.load_split(split_dir, "train")
     val_data = data.load_split(split_dir, "val")
     digests = {name: data.split_digest(split_dir, (name,)) for name in ("train", "val")}
     fp = fingerprint(params, digests["train"] + digests["val"])
     CRNN(params.model)  # an architecture that cannot build fails here, before any tracking
+    if not ctx.is_main:
+        resume = _resume_of_main(checkpoint_path, ctx)
+        result = fit(params.model, params.train, train_data, val_data, params.augment,
+                     resume=resume, ctx=ctx, progress=False)
+        distributed.teardown(ctx)
+        return result
     tracking.configure(params.tracking.experiment_name)
     resume = load_resume_state(checkpoint_path, fp)
+    distributed.broadcast_object(resume is not None, ctx)
 
     study_tags = {k: v for k, v in (("study", params.tracking.study),
                                     ("variant", params.tracking.variant)) if v}
@@ -383,7 +417,7 @@ def run_training(
         result = fit(
             params.model, params.train, train_data, val_data, params.augment,
             checkpoint_path=checkpoint_path, resume=resume, fingerprint=fp,
-            run_id=run.info.run_id,
+            run_id=run.info.run_id, ctx=ctx,
             on_epoch=lambda r: tracking.log_metrics(
                 {k: v for k, v in r.items() if k != "epoch"}, step=int(r["epoch"])),
         )
@@ -437,6 +471,7 @@ def run_training(
         atomic_write_json(run_path, {"run_id": run.info.run_id,
                                      "experiment_id": run.info.experiment_id,
                                      "model_uri": model_uri})
+    distributed.teardown(ctx)
     return result
 
 
