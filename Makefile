@@ -5,9 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 MLFLOW_PORT ?= 5000
+MLFLOW_HOST ?= 127.0.0.1
 
-.PHONY: setup data-source repro verify test test-fast lint ui lock study study-quick \
-	best best-seeds fast ingredients bench bench-workers
+.PHONY: setup data-source repro verify test test-fast lint server ui lock study study-quick \
+	best best-seeds fast ingredients bench bench-workers bench-ddp
 
 # The ablation study: every variant x seed queued as a DVC experiment, run, recorded under
 # reports/study/runs/<STUDY>/ as each finishes, then compared. Running it again skips what is
@@ -68,6 +69,11 @@ test-fast: setup
 lint: setup
 	$(BIN)/ruff check src stages tests
 
+# The team's tracking server: PostgreSQL backend, proxied artifacts, basic-auth; every setting
+# and secret from the environment (docs/team.md).
+server: setup
+	$(BIN)/python -m fmnist_crnn.server serve --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
+
 ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 \
 	  --port $(MLFLOW_PORT)
@@ -105,6 +111,11 @@ ingredients: setup
 bench: setup
 	$(BIN)/dvc repro split
 	PYTHONPATH=src $(BIN)/python benchmarks/throughput.py
+
+# Multi-process training: 2 processes x 1 thread against 1 process x 2 threads.
+bench-ddp: setup
+	$(BIN)/dvc repro split
+	PYTHONPATH=src $(BIN)/python benchmarks/ddp.py
 
 # 2 queue workers x 1 thread against 1 worker x 2 threads: reports/bench/workers.json.
 bench-workers: setup

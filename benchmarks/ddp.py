@@ -1,0 +1,93 @@
+"""Multi-process training on this machine: 2 processes x 1 thread (torchrun +
+DistributedDataParallel, gloo) against 1 process x 2 threads, on the same images.
+
+Each layout trains the model of params.yaml for one epoch over the first ``--images`` training
+images (under DDP each process takes half, batch_size images per step each), in fresh
+processes, alternating over ``--rounds``. Prints images/s and seconds per epoch of each and
+the ratio; writes reports/bench/ddp.json. A benchmark, not a test.
+
+    python benchmarks/ddp.py --split data/split
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+
+def job(split: Path, images: int, threads: int, result_file: Path) -> None:
+    from fmnist_crnn import data, distributed, train
+    from fmnist_crnn.config import load_params
+
+    ctx = distributed.from_env()
+    params = load_params("params.yaml")
+    cfg = dataclasses.replace(params.train, epochs=1, num_threads=threads)
+    x, y = data.load_split(split, "train")
+    vx, vy = data.load_split(split, "val")
+    result = train.fit(params.model, cfg, (x[:images], y[:images]), (vx[:1000], vy[:1000]),
+                       params.augment, progress=False, ctx=ctx)
+    if ctx.is_main:  # training seconds of the epoch, validation of 1,000 images included
+        result_file.write_text(json.dumps({"seconds": result.history[-1]["epoch_seconds"]}))
+    distributed.teardown(ctx)
+
+
+def layout(split: Path, images: int, processes: int) -> float:
+    fd, name = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    out = Path(name)
+    cmd = [sys.executable, __file__, "--job", "--split", str(split), "--images", str(images),
+           "--threads", "1" if processes > 1 else "2", "--result", str(out), "--processes",
+           str(processes)]
+    subprocess.run(cmd, env={**os.environ, "PYTHONPATH": "src"}, check=True)
+    seconds = json.loads(out.read_text())["seconds"]
+    out.unlink()
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--split", type=Path, default=Path("data/split"))
+    p.add_argument("--images", type=int, default=12800)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, default=Path("reports/bench/ddp.json"))
+    p.add_argument("--job", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    p.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.job:
+        from fmnist_crnn import distributed
+
+        status = distributed.torchrun(args.processes, sys.argv)
+        if status is None:
+            job(args.split, args.images, args.threads, args.result)
+        else:
+            sys.exit(status)
+        return
+    ddp, single = [], []
+    for i in range(args.rounds):
+        for processes in ((2, 1) if i % 2 == 0 else (1, 2)):
+            seconds = layout(args.split, args.images, processes)
+            (ddp if processes == 2 else single).append(seconds)
+            print(f"round {i + 1}: {processes} process(es): {seconds:.1f} s, "
+                  f"{args.images / seconds:.0f} images/s", flush=True)
+    a, b = statistics.median(ddp), statistics.median(single)
+    result = {"images_per_epoch": args.images, "rounds": args.rounds,
+              "seconds_2_processes_x_1_thread": ddp, "seconds_1_process_x_2_threads": single,
+              "images_per_s_2x1": args.images / a, "images_per_s_1x2": args.images / b,
+              "speedup_2x1_over_1x2": b / a}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"epoch of {args.images} images: 2x1 {a:.1f} s ({args.images / a:.0f} img/s), "
+          f"1x2 {b:.1f} s ({args.images / b:.0f} img/s); 2x1 is {b / a:.2f}x as fast")
+
+
+if __name__ == "__main__":
+    main()
