@@ -152,7 +152,7 @@ def test_table_has_mean_std_delta_and_noise_verdict():
 
 def test_collect_experiments_reads_dvc_exp_show_json():
     def node(name, variant, acc):
-        return {"rev": "abc", "name": name, "data": {
+        return {"rev": f"rev-{name}-{acc}", "name": name, "data": {
             "params": {"params.yaml": {"data": {
                 "tracking": {"study": "s", "variant": variant}, "train": {"seed": 1,
                                                                          "epochs": 2},
@@ -168,6 +168,9 @@ def test_collect_experiments_reads_dvc_exp_show_json():
                  {"revs": [dict(node("other", "final", 0.5), data={
                      **node("other", "final", 0.5)["data"],
                      "params": {"params.yaml": {"data": {"tracking": {"study": "t"}}}}})]}]}]
+    # The same experiment again as a bare commit, named by its revision only.
+    shown[1]["experiments"].append({"revs": [{**node("s-baseline-s1", "baseline", 0.8),
+                                              "name": None}]})
     failed = dict(node("s-final-s1", "final", 0.1), error={"msg": "Experiment run failed"})
     running = node("s-final-s1", "final", 0.2)
     running["data"]["rev"] = "workspace"  # how `dvc exp show` reports a running experiment

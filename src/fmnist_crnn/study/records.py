@@ -64,7 +64,14 @@ def collect_experiments(study: str, exp_show: list[dict[str, Any]]) -> list[dict
                 visit(item)
 
     visit(exp_show)
-    unique = {r["name"]: r for r in records}  # one experiment can appear under two baselines
+    # One experiment can appear twice: under two baselines, or once by name and once as a bare
+    # commit whose "name" is its revision. Keep one record per revision, the named one.
+    by_rev: dict[str, dict[str, Any]] = {}
+    for record in records:
+        kept = by_rev.get(record["rev"])
+        if kept is None or kept["name"] == kept["rev"]:
+            by_rev[record["rev"]] = record
+    unique = {r["name"]: r for r in by_rev.values()}
     return sorted(unique.values(), key=lambda r: r["name"])
 
 
@@ -79,7 +86,7 @@ def _record(node: dict[str, Any], data: dict[str, Any]) -> dict[str, Any] | None
     train_params = params.get("train") or {}
     return {
         "name": node.get("name") or data.get("name") or node.get("rev"),
-        "rev": data.get("rev") or node.get("rev"),
+        "rev": node.get("rev") or data.get("rev"),
         "study": tracking_params["study"],
         "variant": tracking_params.get("variant"),
         "seed": train_params.get("seed"),
