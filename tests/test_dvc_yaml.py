@@ -118,3 +118,16 @@ def test_section_view_refuses_undeclared_sections():
     assert view.split.val_fraction == 0.3
     with pytest.raises(AttributeError, match="declares only"):
         _ = view.model
+
+
+def test_dvc_confusion_plot_has_the_png_orientation():
+    # plots.confusion_figure: predicted on the x axis, actual on the y axis.
+    [confusion] = [next(iter(p.values())) for p in DVC["plots"]
+                   if isinstance(p, dict) and "confusion" in p]
+    assert confusion["x"] == "predicted"
+    assert confusion["y"] == {"plots/test_predictions.csv": "actual"}
+
+
+def test_generated_outputs_are_ignored_by_git():
+    ignored = (REPO / ".gitignore").read_text().split()
+    assert {"/dvc_plots/", "/mlflow.db", "/mlartifacts/", "/.venv"} <= set(ignored)

@@ -59,3 +59,56 @@ def test_each_file_gets_an_answer_or_its_own_error(tmp_path, checkpoint, capsys)
     assert answers[1].startswith(f"{tmp_path / 'idx'}[0]: ")
     for bad in ("broken.png", "labels", "missing.jpg"):
         assert f"{tmp_path / bad}: error:" in err
+
+
+def run_predict(args, cwd, monkeypatch, capsys):
+    monkeypatch.chdir(cwd)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    code = predict.main(args)
+    return code, capsys.readouterr()
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "shirt.png"
+    Image.fromarray(np.zeros((28, 28), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_a_bad_checkpoint_is_one_line_and_exit_2(tmp_path, image, monkeypatch, capsys):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    code, out = run_predict([str(image), "--checkpoint", str(bad)], tmp_path, monkeypatch,
+                            capsys)
+    assert code == 2
+    assert out.err.count("\n") == 1 and "not a readable model checkpoint" in out.err
+    code, out = run_predict([str(image), "--checkpoint", str(tmp_path / "missing.pt")],
+                            tmp_path, monkeypatch, capsys)
+    assert code == 2 and "model file not found" in out.err
+
+
+def test_a_registry_uri_outside_the_repository_never_creates_a_store(tmp_path, image,
+                                                                    monkeypatch, capsys):
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    code, out = run_predict([str(image), "--model-uri", "models:/no-such-model@champion"],
+                            outside, monkeypatch, capsys)
+    assert code == 2 and out.err.startswith("error: no MLflow store at")
+    assert "MLFLOW_TRACKING_URI" in out.err and "Traceback" not in out.err
+    assert not (outside / "mlflow.db").exists()
+
+
+def test_an_unknown_registered_model_is_one_line_and_exit_2(tmp_path, image, monkeypatch,
+                                                           capsys):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    mlflow.MlflowClient(tracking_uri=uri).search_experiments()  # an existing, empty store
+    capsys.readouterr()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    code = predict.main([str(image), "--model-uri", "models:/no-such-model@champion"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot load the model models:/no-such-model")
+    assert err.count("\n") == 1

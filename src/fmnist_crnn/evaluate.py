@@ -81,7 +81,8 @@ def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> CRN
     except FileNotFoundError:
         raise CheckpointError(f"{path}: model file not found; run the train stage") from None
     except Exception as exc:
-        raise CheckpointError(f"{path}: not a readable model checkpoint ({exc})") from None
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable model checkpoint ({detail})") from None
     if not isinstance(blob, dict) or not {"model_config", "state_dict"} <= set(blob):
         raise CheckpointError(f"{path}: expected keys 'model_config' and 'state_dict'")
     model = CRNN(model_config_from_dict(blob["model_config"]))

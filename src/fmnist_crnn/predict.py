@@ -20,6 +20,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fmnist_crnn import data
+from fmnist_crnn.errors import ProjectError
 
 SIZE = 28
 
@@ -59,12 +60,9 @@ def model_predictor(checkpoint: str | None, model_uri: str | None
                     ) -> Callable[[np.ndarray], np.ndarray]:
     """A function from float images (N, 1, 28, 28) in [0, 1] to class probabilities."""
     if model_uri:
-        import mlflow
-
         from fmnist_crnn import tracking
 
-        mlflow.set_tracking_uri(tracking.tracking_uri())
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = tracking.load_pyfunc(model_uri)
         return lambda x: torch.softmax(torch.as_tensor(np.asarray(model.predict(x))),
                                        dim=1).numpy()
     from fmnist_crnn.evaluate import load_checkpoint
@@ -95,7 +93,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{path}: error: {exc}", file=sys.stderr)
             failed += 1
     if inputs:
-        predict = model_predictor(args.checkpoint, args.model_uri)
+        try:
+            predict = model_predictor(args.checkpoint, args.model_uri)
+        except ProjectError as exc:  # no usable model: one line, not a traceback
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         batch = np.stack([image for _, image in inputs])[:, None].astype(np.float32) / 255.0
         probabilities = predict(batch)
         for (label, _), p in zip(inputs, probabilities, strict=True):

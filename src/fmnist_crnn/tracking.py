@@ -373,3 +373,29 @@ def grant_experiment(username: str, experiment_name: str, permission: str) -> No
         raise TrackingError(f"no experiment named '{experiment_name}' at {tracking_uri()}")
     _auth_client().grant_user_permission(username, "experiment", experiment.experiment_id,
                                          permission)
+
+
+def load_pyfunc(model_uri: str) -> Any:
+    """The MLflow model at ``model_uri`` (``models:/name@alias``, ``runs:/id/model``, a path).
+
+    Never creates a tracking store: outside a repository with ``mlflow.db`` and without
+    MLFLOW_TRACKING_URI, a registry or run URI is an error that says what to set.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    needs_store = model_uri.startswith(("models:/", "runs:/"))
+    if needs_store and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            raise TrackingError(f"MLFLOW_TRACKING_URI names {uri}, which does not exist; "
+                                f"cannot resolve {model_uri}")
+        raise TrackingError(f"no MLflow store at {uri[len('sqlite:///'):]} to resolve "
+                            f"{model_uri}; run from the repository that trained the model or "
+                            "set MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TrackingError(f"cannot load the model {model_uri} from {uri}: "
+                            f"{first_line}") from None
