@@ -131,3 +131,19 @@ def test_dvc_confusion_plot_has_the_png_orientation():
 def test_generated_outputs_are_ignored_by_git():
     ignored = (REPO / ".gitignore").read_text().split()
     assert {"/dvc_plots/", "/mlflow.db", "/mlartifacts/", "/.venv"} <= set(ignored)
+
+
+def test_the_module_plan_holds():
+    """MLflow is imported in tracking only; tracking does not draw; errors import nothing of the
+    package; no library module imports the stages."""
+    src = REPO / "src" / "fmnist_crnn"
+    for path in src.rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import)
+                    for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module}
+        if path.name != "tracking.py":
+            assert "mlflow" not in imported, f"{path} imports mlflow"
+        assert "stages" not in imported, f"{path} imports the stages"
+    assert "plots" not in project_imports(src / "tracking.py")

@@ -11,8 +11,10 @@ import pytest
 import torch
 import yaml
 
-from fmnist_crnn import data, evaluate
+from fmnist_crnn import data
 from fmnist_crnn.config import SplitConfig
+from fmnist_crnn.errors import CheckpointError
+from fmnist_crnn.model import load_model
 
 from .conftest import REPO, idx_bytes, synthetic_arrays
 
@@ -157,11 +159,11 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "model.pt"
     torch.save({"model_config": to_dict(params)["model"], "state_dict": other.state_dict()},
                path)
-    with pytest.raises(evaluate.CheckpointError, match="do not match the architecture"):
-        evaluate.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="do not match the architecture"):
+        load_model(path)
     path.write_bytes(b"garbage")
-    with pytest.raises(evaluate.CheckpointError, match="not a readable model checkpoint"):
-        evaluate.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not a readable model checkpoint"):
+        load_model(path)
 
 
 def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path):
@@ -171,6 +173,6 @@ def test_pickled_code_in_a_checkpoint_is_not_executed(tmp_path):
 
     path = tmp_path / "model.pt"
     torch.save({"model_config": {}, "state_dict": Evil()}, path)
-    with pytest.raises(evaluate.CheckpointError):
-        evaluate.load_checkpoint(path)
+    with pytest.raises(CheckpointError):
+        load_model(path)
     assert not (tmp_path / "pwned").exists()

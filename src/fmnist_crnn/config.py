@@ -294,9 +294,14 @@ def to_dict(params: Params) -> dict[str, dict[str, Any]]:
             section = getattr(params, name)
         except AttributeError:  # not declared by this stage
             continue
-        out[name] = {k: list(v) if isinstance(v, tuple) else v
-                     for k, v in dataclasses.asdict(section).items()}
+        out[name] = section_dict(section)
     return out
+
+
+def section_dict(section: Any) -> dict[str, Any]:
+    """One section as a plain dict, as params.yaml writes it (lists, not tuples)."""
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in dataclasses.asdict(section).items()}
 
 
 def to_flat_dict(params: Params) -> dict[str, Any]:

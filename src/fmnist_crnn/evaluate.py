@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.metrics import (
-    accuracy_score,
     confusion_matrix,
     f1_score,
     precision_recall_fscore_support,
@@ -17,11 +16,10 @@ from sklearn.metrics import (
 from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
-from fmnist_crnn import data, tracking
-from fmnist_crnn.config import TrackingConfig, model_config_from_dict
-from fmnist_crnn.errors import CheckpointError
+from fmnist_crnn import data, plots, tracking
+from fmnist_crnn.config import TrackingConfig
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
-from fmnist_crnn.model import CRNN, select_device
+from fmnist_crnn.model import load_model, select_device
 
 
 @torch.no_grad()
@@ -32,19 +30,43 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int
 
     ``tta_hflip``: test-time augmentation, the mean of the logits of each image and its mirror.
     """
+    if tta_hflip:
+        return predict_logits_and_tta(model, images, batch_size, device, desc)[1]
+    return _predict(model, images, batch_size, device, desc, flip=False)[0]
+
+
+@torch.no_grad()
+def predict_logits_and_tta(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                           device: torch.device, desc: str | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain logits and the flip-TTA logits (the mean of each image's and its mirror's),
+    from one pass over the images: the one implementation of test-time flips."""
+    plain, mirrored = _predict(model, images, batch_size, device, desc, flip=True)
+    return plain, (plain + mirrored) / 2
+
+
+def _predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+             device: torch.device, desc: str | None, flip: bool,
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
     model.eval()
-    chunks = []
+    plain, mirrored = [], []
     stream = data.batches(images, torch.zeros(len(images), dtype=torch.long), batch_size)
     if desc is not None:
         stream = tqdm(stream, desc=desc, total=data.num_batches(len(images), batch_size),
                       unit="batch", dynamic_ncols=True)
     for x, _ in stream:
         x = x.to(device, non_blocking=True)
-        logits = model(x).float()
-        if tta_hflip:
-            logits = (logits + model(x.flip(-1)).float()) / 2
-        chunks.append(logits.cpu())
-    return torch.cat(chunks) if chunks else torch.empty(0, model.cfg.num_classes)
+        plain.append(model(x).float().cpu())
+        if flip:
+            mirrored.append(model(x.flip(-1)).float().cpu())
+    empty = torch.empty(0, model.cfg.num_classes)
+    return (torch.cat(plain) if plain else empty,
+            (torch.cat(mirrored) if mirrored else empty) if flip else None)
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of images whose highest logit is their label: the one accuracy."""
+    return (logits.argmax(dim=1) == labels).sum().item() / max(len(labels), 1)
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, Any]:
@@ -60,7 +82,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
                                     strict=True)
     }
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "accuracy": accuracy(logits, labels),
         "loss": float(F.cross_entropy(logits, labels).item()),
         "macro_f1": float(f1_score(y_true, y_pred, labels=classes, average="macro",
                                    zero_division=0)),
@@ -71,27 +93,6 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[s
 def confusion(logits: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
     return confusion_matrix(labels.numpy(), logits.argmax(dim=1).numpy(),
                             labels=list(range(len(data.CLASS_NAMES))))
-
-
-def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> CRNN:
-    """Rebuild the model from a checkpoint holding its config and weights (no pickle)."""
-    path = Path(path)
-    try:
-        blob = torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: model file not found; run the train stage") from None
-    except Exception as exc:
-        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise CheckpointError(f"{path}: not a readable model checkpoint ({detail})") from None
-    if not isinstance(blob, dict) or not {"model_config", "state_dict"} <= set(blob):
-        raise CheckpointError(f"{path}: expected keys 'model_config' and 'state_dict'")
-    model = CRNN(model_config_from_dict(blob["model_config"]))
-    try:
-        model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not match the architecture in its own "
-                              f"model_config: {exc}") from None
-    return model.to(device)
 
 
 def run_evaluation(
@@ -113,17 +114,15 @@ def run_evaluation(
     model, same pass over the test set) shows what they add.
     """
     device = select_device(device_name)
-    model = load_checkpoint(model_path, device)
+    model = load_model(model_path, device)
     images, labels = data.load_split(split_dir, "test")
-    logits = predict_logits(model, images, batch_size, device, desc="Inference")
-    plain_accuracy = None
     if tta_hflip:
-        plain_accuracy = float((logits.argmax(1) == labels).float().mean())
-        mirrored = predict_logits(model, images.flip(-1), batch_size, device)
-        logits = (logits + mirrored) / 2
+        plain, logits = predict_logits_and_tta(model, images, batch_size, device, "Inference")
+    else:
+        logits = predict_logits(model, images, batch_size, device, desc="Inference")
     metrics = classification_metrics(logits, labels)
-    if plain_accuracy is not None:
-        metrics["accuracy_without_tta"] = plain_accuracy
+    if tta_hflip:
+        metrics["accuracy_without_tta"] = accuracy(plain, labels)
     print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
     cm = confusion(logits, labels)
 
@@ -137,7 +136,9 @@ def run_evaluation(
         })
         tracking.log_dataset("fashion-mnist-test", data.split_digest(split_dir, ("test",)),
                              str(Path(split_dir) / "test.pt"), "test")
-        tracking.log_confusion_matrix(cm, list(data.CLASS_NAMES), "test")
+        tracking.log_confusion_matrix(
+            plots.confusion_figure(cm, list(data.CLASS_NAMES), title="test confusion matrix"),
+            cm, list(data.CLASS_NAMES), "test")
         if tracking_cfg.registered_model_name and run_info.get("model_uri"):
             version, promoted = tracking.register_and_promote(
                 run_info["model_uri"], tracking_cfg.registered_model_name,

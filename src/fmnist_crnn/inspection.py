@@ -15,8 +15,7 @@ import numpy as np
 import torch
 
 from fmnist_crnn import data, plots
-from fmnist_crnn.evaluate import load_checkpoint
-from fmnist_crnn.model import CRNN
+from fmnist_crnn.model import CRNN, load_model
 
 
 @dataclass
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     images, labels = data.load_split(Path(args.split), args.split_name)
     idx = torch.tensor(args.index)
-    t = trace(load_checkpoint(args.checkpoint), images[idx], labels[idx])
+    t = trace(load_model(args.checkpoint), images[idx], labels[idx])
     for caption, path in write_figures(t, Path(args.out)):
         print(f"{path}: {caption}")
 

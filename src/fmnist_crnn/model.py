@@ -7,11 +7,14 @@ build fails in :func:`plan` with the parameters and sizes that do not fit.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
-from fmnist_crnn.config import ConfigError, ModelConfig
+from fmnist_crnn.config import ConfigError, ModelConfig, model_config_from_dict, section_dict
+from fmnist_crnn.errors import CheckpointError
+from fmnist_crnn.files import atomic_torch_save
 
 
 @dataclass(frozen=True)
@@ -150,3 +153,35 @@ def select_device(name: str) -> torch.device:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model file: the weights and the model config that rebuilds them (nanoGPT's model_args),
+# so evaluation, inspection and prediction never need the training parameters.
+
+
+def save_model(model: CRNN, path: str | Path) -> None:
+    """Write the model file atomically: {"model_config": ..., "state_dict": ...} on the CPU."""
+    atomic_torch_save({"model_config": section_dict(model.cfg),
+                       "state_dict": {k: v.cpu() for k, v in model.state_dict().items()}}, path)
+
+
+def load_model(path: str | Path, device: torch.device | str = "cpu") -> CRNN:
+    """Rebuild the model from its file (``weights_only``: nothing in it is executed)."""
+    path = Path(path)
+    try:
+        blob = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: model file not found; run the train stage") from None
+    except Exception as exc:
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CheckpointError(f"{path}: not a readable model checkpoint ({detail})") from None
+    if not isinstance(blob, dict) or not {"model_config", "state_dict"} <= set(blob):
+        raise CheckpointError(f"{path}: expected keys 'model_config' and 'state_dict'")
+    model = CRNN(model_config_from_dict(blob["model_config"]))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not match the architecture in its own "
+                              f"model_config: {exc}") from None
+    return model.to(device)

@@ -65,9 +65,9 @@ def model_predictor(checkpoint: str | None, model_uri: str | None
         model = tracking.load_pyfunc(model_uri)
         return lambda x: torch.softmax(torch.as_tensor(np.asarray(model.predict(x))),
                                        dim=1).numpy()
-    from fmnist_crnn.evaluate import load_checkpoint
+    from fmnist_crnn.model import load_model
 
-    net = load_checkpoint(checkpoint or "models/model.pt").eval()
+    net = load_model(checkpoint or "models/model.pt").eval()
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.no_grad():

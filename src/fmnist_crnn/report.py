@@ -17,9 +17,8 @@ import torch
 
 from fmnist_crnn import data, inspection, plots
 from fmnist_crnn.config import Params, to_flat_dict
-from fmnist_crnn.evaluate import load_checkpoint
 from fmnist_crnn.files import atomic_write_text
-from fmnist_crnn.model import count_parameters, shape_table
+from fmnist_crnn.model import count_parameters, load_model, shape_table
 from fmnist_crnn.train import read_history
 
 # What the course report states (shared/docs/study.md); fixed facts, not parameters.
@@ -74,7 +73,7 @@ def build_report(
     per_class = json.loads(Path(per_class_path).read_text())
     cm_blob = json.loads(Path(confusion_path).read_text())
     cm = np.asarray(cm_blob["matrix"])
-    model = load_checkpoint(model_path)
+    model = load_model(model_path)
 
     def figure(fig, name: str) -> Path:
         path = figures / name

@@ -237,16 +237,15 @@ def log_dataset(name: str, digest: str, source: str, context: str) -> None:
     _with_retries(mlflow.get_tracking_uri(), lambda: mlflow.log_input(dataset, context=context))
 
 
-def log_confusion_matrix(cm: np.ndarray, class_names: list[str], prefix: str) -> None:
-    """The confusion matrix as a figure and as a table (actual x predicted counts)."""
+def log_confusion_matrix(figure: Any, cm: np.ndarray, class_names: list[str],
+                         prefix: str) -> None:
+    """The confusion matrix as ``figure`` (drawn by the caller) and as a table (actual x
+    predicted counts)."""
     import matplotlib.pyplot as plt
     import mlflow
 
-    from fmnist_crnn.plots import confusion_figure
-
-    fig = confusion_figure(cm, class_names, title=f"{prefix} confusion matrix")
-    mlflow.log_figure(fig, f"{prefix}/confusion_matrix.png")
-    plt.close(fig)
+    mlflow.log_figure(figure, f"{prefix}/confusion_matrix.png")
+    plt.close(figure)
     table = {"actual": [], "predicted": [], "count": []}
     for i, actual in enumerate(class_names):
         for j, predicted in enumerate(class_names):

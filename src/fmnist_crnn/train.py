@@ -23,7 +23,7 @@ from torch.nn import functional as F  # noqa: N812
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from fmnist_crnn import data, distributed, tracking
+from fmnist_crnn import data, distributed, plots, tracking
 from fmnist_crnn.config import (
     AugmentConfig,
     ModelConfig,
@@ -33,9 +33,15 @@ from fmnist_crnn.config import (
     to_flat_dict,
 )
 from fmnist_crnn.errors import TrainingError
-from fmnist_crnn.evaluate import classification_metrics, confusion, predict_logits
+from fmnist_crnn.evaluate import (
+    accuracy,
+    classification_metrics,
+    confusion,
+    predict_logits,
+    predict_logits_and_tta,
+)
 from fmnist_crnn.files import atomic_torch_save, atomic_write_bytes, atomic_write_json
-from fmnist_crnn.model import CRNN, count_parameters, select_device
+from fmnist_crnn.model import CRNN, count_parameters, save_model, select_device
 
 Dataset = tuple[torch.Tensor, torch.Tensor]  # uint8 images (N, 28, 28), int64 labels (N,)
 HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
@@ -260,7 +266,7 @@ def fit(
         distributed.sync_buffers(model, ctx)
         val_logits = predict_logits(evaluated, val_x, cfg.batch_size, device)
         val_loss = F.cross_entropy(val_logits, val_y).item()
-        val_acc = (val_logits.argmax(1) == val_y).float().mean().item()
+        val_acc = accuracy(val_logits, val_y)
         record = {
             "epoch": epoch,
             "train_loss": loss_sum / seen,
@@ -427,17 +433,18 @@ def run_training(
 
         device = torch.device(result.device)
         batch = params.train.batch_size
-        val_logits = predict_logits(result.model, val_data[0], batch, device)
-        val_metrics = classification_metrics(val_logits, val_data[1])
         # What test-time flips and the weight average add, measured on validation, so choices
         # never need the test set.
-        mirrored = predict_logits(result.model, val_data[0].flip(-1), batch, device)
-        extra = {"val_acc_hflip_tta": _accuracy((val_logits + mirrored) / 2, val_data[1])}
+        val_logits, val_tta = predict_logits_and_tta(result.model, val_data[0], batch, device)
+        val_metrics = classification_metrics(val_logits, val_data[1])
+        extra = {"val_acc_hflip_tta": accuracy(val_tta, val_data[1])}
         if result.last_raw is not None:
             raw_logits = predict_logits(result.last_raw, val_data[0], batch, device)
-            extra["val_acc_last_without_ema"] = _accuracy(raw_logits, val_data[1])
-        tracking.log_confusion_matrix(confusion(val_logits, val_data[1]),
-                                      list(data.CLASS_NAMES), "val")
+            extra["val_acc_last_without_ema"] = accuracy(raw_logits, val_data[1])
+        val_cm = confusion(val_logits, val_data[1])
+        tracking.log_confusion_matrix(
+            plots.confusion_figure(val_cm, list(data.CLASS_NAMES), title="val confusion matrix"),
+            val_cm, list(data.CLASS_NAMES), "val")
         summary = {
             "best_epoch": result.best_epoch,
             "best_val_acc": result.best_val_acc,
@@ -455,9 +462,7 @@ def run_training(
         tracking.log_metrics({k: v for k, v in summary.items()
                               if k != "epochs" and v is not None})
 
-        checkpoint = {"model_config": to_dict(params)["model"],
-                      "state_dict": {k: v.cpu() for k, v in result.model.state_dict().items()}}
-        atomic_torch_save(checkpoint, model_path)
+        save_model(result.model, model_path)
         model_uri = None
         if params.tracking.log_model:
             example = data.to_float(val_data[0][:4]).numpy()
@@ -486,10 +491,6 @@ def seconds_to_accuracy(history: list[dict[str, float]], target: float) -> float
         if record["val_acc"] >= target:
             return elapsed
     return None
-
-
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(1) == labels).float().mean())
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> None:
