@@ -147,3 +147,14 @@ def test_the_module_plan_holds():
             assert "mlflow" not in imported, f"{path} imports mlflow"
         assert "stages" not in imported, f"{path} imports the stages"
     assert "plots" not in project_imports(src / "tracking.py")
+
+
+def test_no_function_in_the_library_or_the_stages_is_over_80_lines():
+    long = []
+    for path in [*(REPO / "src").rglob("*.py"), *(REPO / "stages").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > 80:
+                    long.append(f"{path.name}:{node.name} ({length} lines)")
+    assert not long

@@ -12,8 +12,8 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +151,137 @@ def load_resume_state(path: Path | None, expected_fingerprint: str) -> dict[str,
     return state
 
 
+@dataclass
+class TrainState:
+    """Everything training carries from one epoch to the next, and so everything a checkpoint
+    holds: one type with ``state_dict()`` / ``load_state_dict()``, so that what is saved and
+    what is restored cannot drift apart."""
+
+    model: CRNN
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    ema: AveragedModel | None
+    scaler: torch.amp.GradScaler
+    generator: torch.Generator
+    epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_state: dict[str, torch.Tensor] = field(default_factory=dict)
+    best_val_acc: float = -1.0
+    best_epoch: int = 0
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """What validation sees and what is kept: the weight average when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def end_epoch(self, record: dict[str, float]) -> None:
+        self.epoch = int(record["epoch"])
+        self.history.append(record)
+        if record["val_acc"] > self.best_val_acc:
+            self.best_val_acc, self.best_epoch = record["val_acc"], self.epoch
+            self.best_state = copy.deepcopy(self.evaluated.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        cuda = next(self.model.parameters()).is_cuda
+        return {
+            "epoch": self.epoch,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if cuda else None,
+            "history": self.history,
+            "best_state": self.best_state,
+            "best_val_acc": self.best_val_acc,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        self.epoch = state["epoch"]
+        self.history = list(state["history"])
+        self.best_state = state["best_state"]
+        self.best_val_acc, self.best_epoch = state["best_val_acc"], state["best_epoch"]
+
+
+def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
+              device: torch.device, memory_format: torch.memory_format) -> TrainState:
+    """A fresh model and optimizer (in this order: they draw from the seeded RNG)."""
+    model = CRNN(model_cfg).to(device, memory_format=memory_format)
+    optimizer = make_optimizer(model, cfg)
+    scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
+    # The average's batch-norm statistics are averaged too (use_buffers).
+    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
+           if cfg.ema_decay else None)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return TrainState(model, optimizer, scheduler, ema, scaler, generator,
+                      best_state=copy.deepcopy(model.state_dict()))
+
+
+def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfig,
+                    augment: AugmentConfig | None,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                    device: torch.device, memory_format: torch.memory_format,
+                    ctx: distributed.Context) -> tuple[float, float]:
+    """One pass over this process's batches; returns the (all-process) loss and accuracy."""
+    amp = cfg.amp and device.type == "cuda"
+    state.model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for step, (x, y) in enumerate(batches):
+        if augment is not None:
+            x = data.augment_batch(x, augment, state.generator)
+        x = x.to(device, memory_format=memory_format, non_blocking=True)
+        y = y.to(device, non_blocking=True)
+        state.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+            logits = trained(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        if not torch.isfinite(loss):
+            raise TrainingError(
+                f"loss became {loss.item()} at epoch {state.epoch + 1}, batch {step + 1}; "
+                f"training stopped. The last good state (epoch {state.epoch}) is kept in the "
+                f"checkpoint. Lower train.lr (now {cfg.lr}) and run again.")
+        state.scaler.scale(loss).backward()
+        if cfg.grad_clip_norm is not None:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.grad_clip_norm)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        if state.scheduler is not None:
+            state.scheduler.step()
+        if state.ema is not None:
+            state.ema.update_parameters(state.model)
+        loss_sum += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        if step % 20 == 0 and hasattr(batches, "set_postfix"):
+            batches.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
+    loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device, ctx)
+    distributed.sync_buffers(state.model, ctx)
+    return loss_sum / seen, correct / seen
+
+
+def validate(model: torch.nn.Module, val_data: Dataset, batch_size: int,
+             device: torch.device) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on the whole validation split."""
+    logits = predict_logits(model, val_data[0], batch_size, device)
+    return F.cross_entropy(logits, val_data[1]).item(), accuracy(logits, val_data[1])
+
+
 def fit(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -168,7 +299,7 @@ def fit(
 ) -> FitResult:
     """Train for ``cfg.epochs`` epochs, keeping the best-validation weights.
 
-    After every epoch the full state (weights, optimizer, RNG states, history, the MLflow run
+    After every epoch the full state (``TrainState`` plus the fingerprint and the MLflow run
     id) is written atomically to ``checkpoint_path``; ``resume`` continues from such a state
     and ends with the same numbers as an uninterrupted run.
 
@@ -182,136 +313,46 @@ def fit(
         torch.set_num_threads(cfg.num_threads)
     device = distributed.setup(ctx, select_device(cfg.device))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    model = CRNN(model_cfg).to(device, memory_format=memory_format)
-    trained = distributed.wrap(model, ctx, device)  # what the training steps call
-    optimizer = make_optimizer(model, cfg)
     shard = (lambda order: distributed.shard(order, ctx)) if ctx.enabled else None
     shard_size = len(shard(torch.arange(len(train_data[1])))) if shard else len(train_data[1])
     steps = data.num_batches(shard_size, cfg.batch_size)
-    scheduler = make_scheduler(optimizer, cfg, steps)
-    # The average's batch-norm statistics are averaged too (use_buffers).
-    ema = (AveragedModel(model, multi_avg_fn=ema_with_warmup(cfg.ema_decay), use_buffers=True)
-           if cfg.ema_decay else None)
-    amp = cfg.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    history: list[dict[str, float]] = []
-    best_state = copy.deepcopy(model.state_dict())
-    best_val_acc, best_epoch, start_epoch = -1.0, 0, 0
-
+    state = new_state(model_cfg, cfg, steps, device, memory_format)
+    trained = distributed.wrap(state.model, ctx, device)  # what the training steps call
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(resume["scheduler"])
-        if ema is not None:
-            ema.load_state_dict(resume["ema"])
-        scaler.load_state_dict(resume["scaler"])
-        generator.set_state(resume["generator"])
-        torch.set_rng_state(resume["torch_rng"])
-        if device.type == "cuda" and resume.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state_all(resume["cuda_rng"])
-        history = list(resume["history"])
-        best_state = resume["best_state"]
-        best_val_acc, best_epoch = resume["best_val_acc"], resume["best_epoch"]
-        start_epoch = resume["epoch"]
-
-    train_x, train_y = train_data
-    val_x, val_y = val_data
-    evaluated = ema.module if ema is not None else model  # what validation sees and we keep
+        state.load_state_dict(resume)
+    start_epoch = state.epoch
+    show = progress and ctx.is_main
     epochs = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="Epochs", unit="epoch",
-                  initial=start_epoch, total=cfg.epochs, disable=not progress or not ctx.is_main,
-                  dynamic_ncols=True)
+                  initial=start_epoch, total=cfg.epochs, disable=not show, dynamic_ncols=True)
     for epoch in epochs:
         started = time.perf_counter()
-        model.train()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(data.batches(train_x, train_y, cfg.batch_size, generator, select=shard),
+        bar = tqdm(data.batches(*train_data, cfg.batch_size, state.generator, select=shard),
                    total=steps, desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not progress or not ctx.is_main, dynamic_ncols=True,
-                   mininterval=1.0)
-        for step, (x, y) in enumerate(bar):
-            if augment is not None:
-                x = data.augment_batch(x, augment, generator)
-            x = x.to(device, memory_format=memory_format, non_blocking=True)
-            y = y.to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
-                logits = trained(x)
-                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise TrainingError(
-                    f"loss became {loss.item()} at epoch {epoch}, batch {step + 1}; training "
-                    f"stopped. The last good state (epoch {epoch - 1}) is kept in "
-                    f"{checkpoint_path}. Lower train.lr (now {cfg.lr}) and run again."
-                )
-            scaler.scale(loss).backward()
-            if cfg.grad_clip_norm is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            if scheduler is not None:
-                scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.2%}")
-
-        loss_sum, correct, seen = distributed.all_reduce_sum([loss_sum, correct, seen], device,
-                                                             ctx)
-        distributed.sync_buffers(model, ctx)
-        val_logits = predict_logits(evaluated, val_x, cfg.batch_size, device)
-        val_loss = F.cross_entropy(val_logits, val_y).item()
-        val_acc = accuracy(val_logits, val_y)
-        record = {
-            "epoch": epoch,
-            "train_loss": loss_sum / seen,
-            "train_acc": correct / seen,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_seconds": time.perf_counter() - started,
-        }
-        history.append(record)
-        if val_acc > best_val_acc:
-            best_val_acc, best_epoch = val_acc, epoch
-            best_state = copy.deepcopy(evaluated.state_dict())
-        epochs.set_postfix(train_loss=f"{record['train_loss']:.4f}", val_loss=f"{val_loss:.4f}",
+                   disable=not show, dynamic_ncols=True, mininterval=1.0)
+        train_loss, train_acc = train_one_epoch(state, trained, cfg, augment, bar, device,
+                                                memory_format, ctx)
+        val_loss, val_acc = validate(state.evaluated, val_data, cfg.batch_size, device)
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
+                  "val_loss": val_loss, "val_acc": val_acc,
+                  "lr": state.optimizer.param_groups[0]["lr"],
+                  "epoch_seconds": time.perf_counter() - started}
+        state.end_epoch(record)
+        epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
                            val_acc=f"{val_acc:.2%}")
         # Log before checkpointing: a crash in between repeats this epoch (same numbers, same
         # step) instead of losing its metrics.
         if on_epoch is not None:
             on_epoch(record)
         if checkpoint_path is not None and ctx.is_main:
-            atomic_torch_save({
-                "fingerprint": fingerprint,
-                "epoch": epoch,
-                "epochs": cfg.epochs,
-                "model": model.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-                "ema": ema.state_dict() if ema is not None else None,
-                "scaler": scaler.state_dict(),
-                "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if device.type == "cuda" else None,
-                "history": history,
-                "best_state": best_state,
-                "best_val_acc": best_val_acc,
-                "best_epoch": best_epoch,
-                "run_id": run_id,
-            }, checkpoint_path)
+            atomic_torch_save({"fingerprint": fingerprint, "epochs": cfg.epochs,
+                               "run_id": run_id, **state.state_dict()}, checkpoint_path)
         signal_after_epoch(epoch)
 
-    distributed.check_same_weights(model, ctx)
-    last_raw = copy.deepcopy(model) if ema is not None else None
-    model.load_state_dict(best_state)
-    return FitResult(model, history, best_epoch, best_val_acc, start_epoch, str(device),
-                     last_raw)
+    distributed.check_same_weights(state.model, ctx)
+    last_raw = copy.deepcopy(state.model) if state.ema is not None else None
+    state.model.load_state_dict(state.best_state)
+    return FitResult(state.model, state.history, state.best_epoch, state.best_val_acc,
+                     start_epoch, str(device), last_raw)
 
 
 SIGNAL_AFTER_EPOCH = "FMNIST_CRNN_SIGNAL_AFTER_EPOCH"
@@ -431,34 +472,7 @@ def run_training(
         tracking.log_environment(environment)
         tracking.set_tags({f"data.{name}_sha256": digest for name, digest in digests.items()})
 
-        device = torch.device(result.device)
-        batch = params.train.batch_size
-        # What test-time flips and the weight average add, measured on validation, so choices
-        # never need the test set.
-        val_logits, val_tta = predict_logits_and_tta(result.model, val_data[0], batch, device)
-        val_metrics = classification_metrics(val_logits, val_data[1])
-        extra = {"val_acc_hflip_tta": accuracy(val_tta, val_data[1])}
-        if result.last_raw is not None:
-            raw_logits = predict_logits(result.last_raw, val_data[0], batch, device)
-            extra["val_acc_last_without_ema"] = accuracy(raw_logits, val_data[1])
-        val_cm = confusion(val_logits, val_data[1])
-        tracking.log_confusion_matrix(
-            plots.confusion_figure(val_cm, list(data.CLASS_NAMES), title="val confusion matrix"),
-            val_cm, list(data.CLASS_NAMES), "val")
-        summary = {
-            "best_epoch": result.best_epoch,
-            "best_val_acc": result.best_val_acc,
-            # The best weights' validation scores, under names of their own: the per-epoch
-            # curves own `val_loss`, and a summary logged there would add a false point.
-            "best_val_loss": val_metrics["loss"],
-            "best_val_macro_f1": val_metrics["macro_f1"],
-            "epochs": len(result.history),
-            "train_seconds": sum(r["epoch_seconds"] for r in result.history),
-            **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
-               for t in MILESTONES},
-            "params_count": count_parameters(result.model),
-            **extra,
-        }
+        summary = summarize(result, val_data, params.train.batch_size)
         tracking.log_metrics({k: v for k, v in summary.items()
                               if k != "epochs" and v is not None})
 
@@ -478,6 +492,37 @@ def run_training(
                                      "model_uri": model_uri})
     distributed.teardown(ctx)
     return result
+
+
+def summarize(result: FitResult, val_data: Dataset, batch_size: int) -> dict[str, Any]:
+    """The train stage's metrics (metrics/train.json), and the validation confusion matrix
+    logged to the active run. What test-time flips and the weight average add is measured on
+    validation, so that choices never need the test set."""
+    device = torch.device(result.device)
+    val_logits, val_tta = predict_logits_and_tta(result.model, val_data[0], batch_size, device)
+    val_metrics = classification_metrics(val_logits, val_data[1])
+    extra = {"val_acc_hflip_tta": accuracy(val_tta, val_data[1])}
+    if result.last_raw is not None:
+        raw_logits = predict_logits(result.last_raw, val_data[0], batch_size, device)
+        extra["val_acc_last_without_ema"] = accuracy(raw_logits, val_data[1])
+    val_cm = confusion(val_logits, val_data[1])
+    tracking.log_confusion_matrix(
+        plots.confusion_figure(val_cm, list(data.CLASS_NAMES), title="val confusion matrix"),
+        val_cm, list(data.CLASS_NAMES), "val")
+    return {
+        "best_epoch": result.best_epoch,
+        "best_val_acc": result.best_val_acc,
+        # The best weights' validation scores, under names of their own: the per-epoch curves
+        # own `val_loss`, and a summary logged there would add a false point.
+        "best_val_loss": val_metrics["loss"],
+        "best_val_macro_f1": val_metrics["macro_f1"],
+        "epochs": len(result.history),
+        "train_seconds": sum(r["epoch_seconds"] for r in result.history),
+        **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
+           for t in MILESTONES},
+        "params_count": count_parameters(result.model),
+        **extra,
+    }
 
 
 MILESTONES = (0.90, 0.93)  # validation accuracies whose time-to-reach train.json records
