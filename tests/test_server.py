@@ -1,0 +1,37 @@
+"""`make server`'s launcher: settings from the environment, MLflow's own server started."""
+
+import pytest
+
+from fmnist_crnn import server
+
+ENV = {"MLFLOW_BACKEND_STORE_URI": "postgresql+psycopg2://u:p@db:5432/mlflow",
+       "MLFLOW_ARTIFACTS_DESTINATION": "s3://bucket/mlflow",
+       "MLFLOW_AUTH_ADMIN_PASSWORD": "secret-password",
+       "MLFLOW_FLASK_SERVER_SECRET_KEY": "key"}
+
+
+def test_the_command_is_mlflow_server_with_auth_postgres_and_proxied_artifacts(tmp_path):
+    command, env = server.server_command(ENV, "127.0.0.1", 5000, 2, tmp_path)
+    assert command[1:4] == ["-m", "mlflow", "server"]
+    assert command[command.index("--backend-store-uri") + 1] == ENV["MLFLOW_BACKEND_STORE_URI"]
+    assert command[command.index("--app-name") + 1] == "basic-auth"
+    assert "--serve-artifacts" in command
+    ini = (tmp_path / "basic_auth.ini").read_text()
+    assert "default_permission = NO_PERMISSIONS" in ini  # nobody reads what was not granted
+    assert "database_uri = postgresql+psycopg2://u:p@db:5432/mlflow_auth" in ini
+    assert "secret-password" not in ini  # the password stays in the environment
+    assert (tmp_path / "basic_auth.ini").stat().st_mode & 0o077 == 0
+    assert env["MLFLOW_AUTH_CONFIG_PATH"] == str(tmp_path / "basic_auth.ini")
+
+
+@pytest.mark.parametrize("missing", sorted(server.REQUIRED))
+def test_a_missing_setting_is_named(tmp_path, missing):
+    env = {k: v for k, v in ENV.items() if k != missing}
+    with pytest.raises(server.ServerConfigError, match=missing):
+        server.server_command(env, "127.0.0.1", 5000, 2, tmp_path)
+
+
+def test_a_plain_postgresql_uri_is_refused_with_the_fix(tmp_path):
+    env = {**ENV, "MLFLOW_BACKEND_STORE_URI": "postgresql://u:p@db/mlflow"}
+    with pytest.raises(server.ServerConfigError, match=r"postgresql\+psycopg2://"):
+        server.server_command(env, "127.0.0.1", 5000, 2, tmp_path)
