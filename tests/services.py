@@ -38,8 +38,10 @@ def need(what: str, available: bool) -> None:
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
-    if os.geteuid() == 0:
-        return ["runuser", "-u", "postgres", "--", *cmd]
+    if os.geteuid() == 0:  # initdb and pg_ctl refuse to run as root
+        runuser = shutil.which("runuser") or next(
+            (p for p in ("/usr/sbin/runuser", "/sbin/runuser") if Path(p).exists()), "runuser")
+        return [runuser, "-u", "postgres", "--", *cmd]
     return cmd
 
 
