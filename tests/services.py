@@ -174,9 +174,3 @@ def stranger_base_env() -> dict[str, str]:
     """This process's environment less tracking, DVC and project variables."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith(("MLFLOW_", "DVC_", "FMNIST_", "AWS_"))}
-
-
-def stranger_env_for(repo: Path) -> dict[str, str]:
-    from .conftest import stranger_env
-
-    return stranger_env(repo)

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 
 from . import services
-from .conftest import DVC
+from .conftest import DVC, stranger_env
 from .test_pipeline_e2e import make_repo, run
 
 pytestmark = pytest.mark.slow
@@ -151,7 +151,7 @@ def test_dvc_remote_on_s3_a_second_clone_pulls_and_is_up_to_date(team, pipeline_
                for k in services.list_keys(team["s3"], "dvc-store"))
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, env)
-    clone_env = {**services.stranger_env_for(clone), **services.S3_ENV}
+    clone_env = {**stranger_env(clone), **services.S3_ENV}
     run([*DVC, "pull"], clone, clone_env)
     assert "up to date" in run([*DVC, "status"], clone, clone_env)
     assert (clone / "models/model.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
