@@ -1,10 +1,23 @@
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
 import mlflow
 import numpy as np
 import pytest
+import torch
 
 from fmnist_crnn import tracking
 from fmnist_crnn.config import ModelConfig
-from fmnist_crnn.model import CRNN
+from fmnist_crnn.model import CRNN, save_model
+
+from .conftest import activated, stranger_env
+from .services import free_port
 
 
 @pytest.fixture
@@ -69,17 +82,37 @@ def test_continuing_a_missing_run_is_a_clear_error(repo):
             pass
 
 
-def test_logged_model_loads_with_pyfunc_and_predicts(repo):
+def _logged_tiny_model(folder) -> tuple[str, CRNN]:
     model = CRNN(ModelConfig(channels=(8, 8, 16), embedding_dim=16, hidden_dim=8,
                              num_layers=1, head_dims=(8,)))
+    save_model(model, folder / "model.pt")
     example = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
     with tracking.start_run("exp"):
-        uri = tracking.log_model(model, example)
+        return tracking.log_model(model, folder / "model.pt", example), model
+
+
+def test_logged_model_loads_with_pyfunc_and_predicts_like_the_network(repo):
+    uri, model = _logged_tiny_model(repo)
     loaded = mlflow.pyfunc.load_model(uri)
-    out = np.asarray(loaded.predict(np.random.default_rng(1).random((5, 1, 28, 28),
-                                                                     dtype=np.float32)))
-    assert out.shape == (5, 10) and np.isfinite(out).all()
+    batch = np.random.default_rng(1).random((5, 1, 28, 28), dtype=np.float32)
+    out = np.asarray(loaded.predict(batch))
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(batch)).numpy()
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
     assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
+
+
+@pytest.mark.parametrize("batch, message", [
+    (np.full((2, 1, 28, 28), 255.0, dtype=np.float32), "0-255 pixels, divide them by 255"),
+    (np.full((1, 1, 28, 28), -0.5, dtype=np.float32), r"must lie in \[0, 1\]"),
+    (np.full((1, 1, 28, 28), np.nan, dtype=np.float32), "NaN or infinite"),
+    (np.zeros((0, 1, 28, 28), dtype=np.float32), "empty batch"),
+])
+def test_logged_model_refuses_input_it_would_mispredict(repo, batch, message):
+    loaded = mlflow.pyfunc.load_model(_logged_tiny_model(repo)[0])
+    with pytest.raises(mlflow.exceptions.MlflowException, match=message) as refused:
+        loaded.predict(batch)
+    assert refused.value.get_http_status_code() == 400
 
 
 def test_busy_sqlite_store_is_retried_and_other_errors_are_clear(monkeypatch):
@@ -99,3 +132,52 @@ def test_busy_sqlite_store_is_retried_and_other_errors_are_clear(monkeypatch):
 
     with pytest.raises(tracking.TrackingError, match="sqlite:///x.db.*no such table"):
         tracking._with_retries("sqlite:///x.db", broken)
+
+
+def _post(url: str, body: str) -> tuple[int, str]:
+    request = urllib.request.Request(url, data=body.encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read().decode()
+
+
+@pytest.mark.slow
+def test_served_model_answers_400_with_the_reason_for_input_it_would_mispredict(repo):
+    """`mlflow models serve` as the README runs it, over HTTP."""
+    model_dir = mlflow.artifacts.download_artifacts(_logged_tiny_model(repo)[0])
+    port = free_port()
+    # The README's command in an activated shell: `mlflow models serve` starts `uvicorn` from
+    # PATH, so it needs the activation the README asks for.
+    env = activated(stranger_env(repo))
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", model_dir, "--env-manager",
+         "local", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}/invocations"
+    try:
+        for _ in range(240):  # up to 2 minutes on a busy machine
+            if server.poll() is not None:
+                pytest.fail(f"mlflow models serve exited: {server.stderr.read()[-2000:]}")
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            time.sleep(0.5)
+        image = np.random.default_rng(2).random((1, 28, 28)).round(3)
+        status, body = _post(url, json.dumps({"inputs": [image.tolist()]}))
+        assert status == 200 and len(json.loads(body)["predictions"][0]) == 10
+        status, body = _post(url, json.dumps({"inputs": [(image * 255).round().tolist()]}))
+        assert status == 400 and "divide them by 255" in json.loads(body)["message"]
+        pixels = (image * 255).round().astype(int).tolist()  # JSON integers
+        status, body = _post(url, json.dumps({"inputs": [pixels]}))
+        assert status == 400 and "divide them by 255" in json.loads(body)["message"]
+        # An empty JSON batch never reaches the model: MLflow's own schema check refuses it,
+        # naming the data and the expected tensor shape.
+        status, body = _post(url, json.dumps({"inputs": []}))
+        message = json.loads(body)["message"]
+        assert status == 400 and "'[]'" in message and "(-1, 1, 28, 28)" in message
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

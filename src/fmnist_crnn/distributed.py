@@ -86,11 +86,6 @@ def all_reduce_sum(values: list[float], device: torch.device, ctx: Context) -> l
     return tensor.tolist()
 
 
-def barrier(ctx: Context) -> None:
-    if ctx.enabled:
-        dist.barrier()
-
-
 def broadcast_object(obj: Any, ctx: Context) -> Any:
     """The main process's ``obj``, on every process."""
     if not ctx.enabled:

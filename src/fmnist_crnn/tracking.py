@@ -15,15 +15,18 @@ import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import yaml
 
 from fmnist_crnn.errors import TrackingError
+
+if TYPE_CHECKING:
+    import torch
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -261,8 +264,68 @@ def log_artifact(path: Path, artifact_path: str | None = None) -> None:
     mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
-def log_model(model: Any, example: np.ndarray, name: str = "model") -> str:
-    """Log the PyTorch model with its signature and an input example; return its URI."""
+def check_served_input(x: torch.Tensor) -> None:
+    """Refuse what the model would silently mispredict: an empty batch, NaN/inf, pixels
+    outside [0, 1] (most often 0-255 values not divided by 255). The scoring server answers
+    an MlflowException with INVALID_PARAMETER_VALUE as HTTP 400 with this message."""
+    import torch
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+    problem = None
+    if x.shape[0] == 0:
+        problem = "empty batch: send at least one image of shape (1, 28, 28)"
+    elif not torch.isfinite(x).all():
+        problem = "the input contains NaN or infinite values"
+    else:
+        low, high = float(x.min()), float(x.max())
+        if low < 0.0 or high > 1.0:
+            problem = (f"pixel values must lie in [0, 1] (Fashion-MNIST pixels divided by 255); "
+                       f"got values from {low:g} to {high:g}")
+            if low >= 0.0 and high <= 255.0:
+                problem += ": these look like 0-255 pixels, divide them by 255"
+    if problem:
+        raise MlflowException(problem, error_code=INVALID_PARAMETER_VALUE)
+
+
+# MLflow's "models from code" file for the logged model: it builds `served_model()`'s
+# PythonModel, so nothing is pickled and the weights travel as a plain checkpoint.
+SERVED_MODEL_SCRIPT = "served_model.py"
+
+
+def served_model(load_weights: Callable[[str], torch.nn.Module]) -> Any:
+    """The logged model's pyfunc: the CRNN behind `check_served_input`, so the served model
+    (and `mlflow.pyfunc.load_model`) refuses input it would mispredict instead of answering.
+    ``load_weights`` rebuilds the network from the checkpoint artifact."""
+    import mlflow.pyfunc
+    import torch
+
+    class ServedCRNN(mlflow.pyfunc.PythonModel):
+        # No type hints on predict: MLflow would read them as a schema; the signature is
+        # logged from the input example instead.
+        def load_context(self, context):  # noqa: ANN001, ANN202
+            self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            self.net = load_weights(context.artifacts["checkpoint"]).to(self.device).eval()
+
+        def predict(self, context, model_input, params=None):  # noqa: ANN001, ANN202
+            x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
+            check_served_input(x)
+            with torch.no_grad():
+                return self.net(x.to(self.device)).cpu().numpy()
+
+    return ServedCRNN()
+
+
+def set_served_model(load_weights: Callable[[str], torch.nn.Module]) -> None:
+    import mlflow.models
+
+    mlflow.models.set_model(served_model(load_weights))
+
+
+def log_model(model: torch.nn.Module, checkpoint: Path, example: np.ndarray,
+              name: str = "model") -> str:
+    """Log the model file ``checkpoint`` (the weights of ``model``) as an MLflow pyfunc model
+    with its signature and an input example; return its URI."""
     import mlflow
     import torch
     from mlflow.models import infer_signature
@@ -271,15 +334,16 @@ def log_model(model: Any, example: np.ndarray, name: str = "model") -> str:
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
     package_dir = Path(__file__).resolve().parent
-    info = mlflow.pytorch.log_model(
-        model,
+    info = mlflow.pyfunc.log_model(
         name=name,
+        python_model=str(package_dir / SERVED_MODEL_SCRIPT),
+        artifacts={"checkpoint": str(checkpoint)},
         signature=infer_signature(example, output),
         input_example=example,
         # Listing requirements skips MLflow's slow import-tracing inference.
         pip_requirements=[f"{pkg}=={metadata.version(pkg)}"
                           for pkg in ("torch", "torchvision", "mlflow", "numpy")],
-        # The pickled model refers to fmnist_crnn.model.CRNN: ship the package with it.
+        # The model code is this package: ship it with the model.
         code_paths=[str(package_dir)],
     )
     return info.model_uri

@@ -480,7 +480,7 @@ def run_training(
         model_uri = None
         if params.tracking.log_model:
             example = data.to_float(val_data[0][:4]).numpy()
-            model_uri = tracking.log_model(result.model, example)
+            model_uri = tracking.log_model(result.model, model_path, example)
             result.model.to(result.device)
 
         atomic_write_json(metrics_path, summary)
