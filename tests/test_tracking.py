@@ -1,8 +1,6 @@
 import contextlib
 import json
-import os
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
