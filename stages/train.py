@@ -19,9 +19,11 @@ def main(args, params) -> None:
         history_path=Path(args.history), run_path=Path(args.run),
         environment_path=Path(args.environment),
     )
-    if distributed.from_env().is_main:
+    if distributed.from_env().is_main and result.best_val_acc >= 0:
         print(f"best validation accuracy {result.best_val_acc:.2%} at epoch "
               f"{result.best_epoch}")
+    elif distributed.from_env().is_main:
+        print(f"no validation split: kept the weights of the last epoch ({result.best_epoch})")
 
 
 if __name__ == "__main__":

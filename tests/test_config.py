@@ -37,6 +37,7 @@ def test_repository_params_are_the_study_baseline():
     ("train", "optimizer", "adagrad", "'train.optimizer'"),
     ("train", "epochs", 2.5, "'train.epochs'"),
     ("split", "val_fraction", 1.0, "'split.val_fraction'"),
+    ("split", "val_fraction", -0.1, "'split.val_fraction'"),
     ("split", "stratify", "yes", "'split.stratify'"),
     ("model", "sequence", "diagonal", "'model.sequence'"),
     ("train", "schedule", "step", "'train.schedule'"),

@@ -124,6 +124,18 @@ def test_split_sizes_and_disjointness(raw_dir, tmp_path):
     assert len(set(seen)) == 64 and set(seen) == rows
 
 
+def test_split_without_validation_trains_on_every_image(raw_dir, tmp_path):
+    out = tmp_path / "split"
+    sizes = data.make_split(raw_dir, out, SplitConfig(val_fraction=0.0))
+    assert sizes == {"train": 64, "val": 0, "test": 32}
+    train_x, train_y = data.load_split(out, "train")
+    raw_x, raw_y = data.load_raw(raw_dir, "train")
+    assert torch.equal(train_x, raw_x) and torch.equal(train_y, raw_y)
+    val_x, val_y = data.load_split(out, "val")
+    assert val_x.shape == (0, 28, 28) and val_y.shape == (0,)
+    assert torch.equal(data.load_split(out, "test")[1], data.load_raw(raw_dir, "t10k")[1])
+
+
 def test_split_is_seeded(raw_dir, tmp_path):
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         data.make_split(raw_dir, tmp_path / name, SplitConfig(seed=seed))

@@ -278,6 +278,28 @@ def test_experiment_variant_is_one_command_and_comparable(pipeline):
     assert "test_accuracy" in runs[0].data.metrics
 
 
+def test_training_on_every_image_without_a_validation_split(pipeline):
+    """split.val_fraction=0: the split stage keeps all training images, training keeps the
+    last epoch, evaluate and report still run; the test set is the same."""
+    repo, env, _ = pipeline
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "before full-train", "--allow-empty"], repo, env)
+    run([*DVC, "exp", "run", "--temp", "-n", "tiny-all", "-S", "split.val_fraction=0",
+         "-S", "train.epochs=1"], repo, env)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    [logged] = mlflow.search_runs(experiment_names=["fashion-mnist-crnn"], output_format="list",
+                                  filter_string="tags.dvc_exp_name = 'tiny-all'")
+    metrics = logged.data.metrics
+    assert "test_accuracy" in metrics and "train_acc" in metrics
+    assert not {"val_acc", "val_loss", "best_val_acc"} & set(metrics)
+    shown = json.loads(run([*DVC, "exp", "show", "--json"], repo, env))
+    [train_json] = [e["data"]["metrics"]["metrics/train.json"]["data"] for row in shown
+                    for exp in row.get("experiments") or [] for e in exp.get("revs", [])
+                    if e.get("name") == "tiny-all"]
+    # DVC shows numbers only: the null best_val_acc of a run without validation is absent.
+    assert train_json["epochs"] == 1 and "best_val_acc" not in train_json
+
+
 def test_mlproject_train_entry_logs_a_run(pipeline):
     repo, env, _ = pipeline
     run(["git", "add", "-A"], repo, env)

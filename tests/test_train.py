@@ -205,3 +205,23 @@ def test_ema_warms_up_then_uses_its_decay():
     # warmup decay passes 0.9 (n = 80) it lags a linear ramp by decay/(1-decay) = 9 steps.
     assert 10 - values[9] < 4
     assert 399 - values[-1] == pytest.approx(9, abs=0.01)
+
+
+def test_without_validation_the_last_epoch_is_kept_and_reported_as_such(raw_dir, tmp_path):
+    data.make_split(raw_dir, tmp_path / "split", SplitConfig(val_fraction=0.0))
+    train_data, val_data = (data.load_split(tmp_path / "split", n) for n in ("train", "val"))
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=5)
+    result = train.fit(SMALL, cfg, train_data, val_data, progress=False)
+    assert result.best_epoch == 2
+    assert all("val_acc" not in r and "val_loss" not in r for r in result.history)
+    # The kept weights are the last epoch's: a run of one epoch less ends elsewhere.
+    shorter = train.fit(SMALL, TrainConfig(epochs=1, batch_size=16, seed=5), train_data,
+                        val_data, progress=False)
+    assert not all(torch.equal(a, b) for a, b in zip(weights(result.model).values(),
+                                                      weights(shorter.model).values()))
+    summary = train.summarize(result, val_data, 16)
+    assert summary["best_val_acc"] is None and summary["best_epoch"] == 2
+    assert summary["seconds_to_val_acc_90"] is None and summary["train_seconds"] > 0
+    train.write_history(tmp_path / "history.csv", result.history)
+    assert train.read_history(tmp_path / "history.csv") == [
+        {k: pytest.approx(v, rel=1e-5) for k, v in r.items()} for r in result.history]

@@ -44,8 +44,8 @@ class SplitConfig:
     limit: int | None = None
 
     def __post_init__(self) -> None:
-        _check(0 < self.val_fraction < 1, "split.val_fraction", self.val_fraction,
-               "a fraction in (0, 1)")
+        _check(0 <= self.val_fraction < 1, "split.val_fraction", self.val_fraction,
+               "a fraction in [0, 1) (0: train on every image, no validation)")
         _check(self.limit is None or self.limit >= 20, "split.limit", self.limit,
                "null or an integer >= 20")
 

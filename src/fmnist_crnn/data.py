@@ -181,14 +181,12 @@ def load_raw(raw_dir: Path, prefix: str) -> tuple[torch.Tensor, torch.Tensor]:
     return images, labels
 
 
-def make_split(raw_dir: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, int]:
-    """Write train/val/test tensors (uint8 images, int64 labels) to ``out_dir``/<split>.pt."""
-    images, labels = load_raw(raw_dir, "train")
-    test_images, test_labels = load_raw(raw_dir, "t10k")
-    if cfg.limit is not None:
-        images, labels = images[: cfg.limit], labels[: cfg.limit]
-        test_images, test_labels = test_images[: cfg.limit], test_labels[: cfg.limit]
+def _split_indices(labels: torch.Tensor, cfg: SplitConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded train/validation indices; val_fraction 0 keeps every image for training and an
+    empty validation split (the epoch count is then fixed beforehand)."""
     indices = np.arange(len(labels))
+    if cfg.val_fraction == 0:
+        return torch.from_numpy(indices), torch.from_numpy(indices[:0])
     try:
         from sklearn.model_selection import train_test_split  # only the split stage needs it
 
@@ -199,7 +197,17 @@ def make_split(raw_dir: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, int]
     except ValueError as exc:
         raise DataError(f"cannot split {len(labels)} images with split.val_fraction="
                         f"{cfg.val_fraction}, split.stratify={cfg.stratify}: {exc}") from None
-    train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+    return torch.from_numpy(train_idx), torch.from_numpy(val_idx)
+
+
+def make_split(raw_dir: Path, out_dir: Path, cfg: SplitConfig) -> dict[str, int]:
+    """Write train/val/test tensors (uint8 images, int64 labels) to ``out_dir``/<split>.pt."""
+    images, labels = load_raw(raw_dir, "train")
+    test_images, test_labels = load_raw(raw_dir, "t10k")
+    if cfg.limit is not None:
+        images, labels = images[: cfg.limit], labels[: cfg.limit]
+        test_images, test_labels = test_images[: cfg.limit], test_labels[: cfg.limit]
+    train_idx, val_idx = _split_indices(labels, cfg)
     tensors = {
         "train": (images[train_idx], labels[train_idx]),
         "val": (images[val_idx], labels[val_idx]),

@@ -23,6 +23,8 @@ def learning_curves_figure(history: Sequence[Mapping[str, float]]) -> Figure:
     epochs = [int(row["epoch"]) for row in history]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4), constrained_layout=True)
     for split, style in (("train", "-o"), ("val", "-s")):
+        if any(f"{split}_loss" not in row for row in history):
+            continue  # no validation split (split.val_fraction 0)
         ax_loss.plot(epochs, [row[f"{split}_loss"] for row in history], style, label=split,
                      markersize=3)
         ax_acc.plot(epochs, [100 * row[f"{split}_acc"] for row in history], style, label=split,

@@ -88,7 +88,8 @@ def build_report(
         Image("Loss and accuracy per epoch", curves),
         Table(["epoch", "train loss", "train acc", "val loss", "val acc", "seconds"], [
             [int(r["epoch"]), f"{r['train_loss']:.4f}", f"{r['train_acc']:.2%}",
-             f"{r['val_loss']:.4f}", f"{r['val_acc']:.2%}", f"{r['epoch_seconds']:.1f}"]
+             f"{r['val_loss']:.4f}" if "val_loss" in r else "-",
+             f"{r['val_acc']:.2%}" if "val_acc" in r else "-", f"{r['epoch_seconds']:.1f}"]
             for r in history]),
         Heading("Per-class test metrics"),
         Paragraph("Per-class accuracy is the recall: the share of that class's images that "
@@ -154,7 +155,9 @@ def _results_table(test: dict[str, Any], train_metrics: dict[str, Any],
         ["test loss", f"{test['loss']:.4f}", ""],
         ["test macro-F1", f"{test['macro_f1']:.4f}", ""],
         ["best validation accuracy",
-         f"{train_metrics['best_val_acc']:.2%} (epoch {train_metrics['best_epoch']})", ""],
+         f"{train_metrics['best_val_acc']:.2%} (epoch {train_metrics['best_epoch']})"
+         if train_metrics["best_val_acc"] is not None
+         else f"no validation split: last epoch ({train_metrics['best_epoch']}) kept", ""],
         ["epochs", train_metrics["epochs"], STUDY["epochs"]],
         ["training time", f"{train_metrics['train_seconds']:.0f} s", ""],
         *[[f"time to {t}% validation accuracy",

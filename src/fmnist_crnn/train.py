@@ -177,8 +177,11 @@ class TrainState:
     def end_epoch(self, record: dict[str, float]) -> None:
         self.epoch = int(record["epoch"])
         self.history.append(record)
-        if record["val_acc"] > self.best_val_acc:
-            self.best_val_acc, self.best_epoch = record["val_acc"], self.epoch
+        # Without a validation split (split.val_fraction 0) the last epoch is kept.
+        val_acc = record.get("val_acc")
+        if val_acc is None or val_acc > self.best_val_acc:
+            self.best_epoch = self.epoch
+            self.best_val_acc = self.best_val_acc if val_acc is None else val_acc
             self.best_state = copy.deepcopy(self.evaluated.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
@@ -331,14 +334,15 @@ def fit(
                    disable=not show, dynamic_ncols=True, mininterval=1.0)
         train_loss, train_acc = train_one_epoch(state, trained, cfg, augment, bar, device,
                                                 memory_format, ctx)
-        val_loss, val_acc = validate(state.evaluated, val_data, cfg.batch_size, device)
-        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc,
-                  "val_loss": val_loss, "val_acc": val_acc,
-                  "lr": state.optimizer.param_groups[0]["lr"],
-                  "epoch_seconds": time.perf_counter() - started}
+        record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
+        if len(val_data[1]):
+            record["val_loss"], record["val_acc"] = validate(state.evaluated, val_data,
+                                                             cfg.batch_size, device)
+        record.update(lr=state.optimizer.param_groups[0]["lr"],
+                      epoch_seconds=time.perf_counter() - started)
         state.end_epoch(record)
-        epochs.set_postfix(train_loss=f"{train_loss:.4f}", val_loss=f"{val_loss:.4f}",
-                           val_acc=f"{val_acc:.2%}")
+        epochs.set_postfix({k: f"{record[k]:.4f}" for k in ("train_loss", "val_loss", "val_acc")
+                            if k in record})
         # Log before checkpointing: a crash in between repeats this epoch (same numbers, same
         # step) instead of losing its metrics.
         if on_epoch is not None:
@@ -479,7 +483,7 @@ def run_training(
         save_model(result.model, model_path)
         model_uri = None
         if params.tracking.log_model:
-            example = data.to_float(val_data[0][:4]).numpy()
+            example = data.to_float((val_data if len(val_data[1]) else train_data)[0][:4]).numpy()
             model_uri = tracking.log_model(result.model, model_path, example)
             result.model.to(result.device)
 
@@ -499,6 +503,17 @@ def summarize(result: FitResult, val_data: Dataset, batch_size: int) -> dict[str
     logged to the active run. What test-time flips and the weight average add is measured on
     validation, so that choices never need the test set."""
     device = torch.device(result.device)
+    common = {
+        "best_epoch": result.best_epoch,
+        "epochs": len(result.history),
+        "train_seconds": sum(r["epoch_seconds"] for r in result.history),
+        **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
+           for t in MILESTONES},
+        "params_count": count_parameters(result.model),
+    }
+    if not len(val_data[1]):  # split.val_fraction 0: nothing to validate on
+        return {**common, "best_val_acc": None, "best_val_loss": None,
+                "best_val_macro_f1": None, "val_acc_hflip_tta": None}
     val_logits, val_tta = predict_logits_and_tta(result.model, val_data[0], batch_size, device)
     val_metrics = classification_metrics(val_logits, val_data[1])
     extra = {"val_acc_hflip_tta": accuracy(val_tta, val_data[1])}
@@ -510,17 +525,12 @@ def summarize(result: FitResult, val_data: Dataset, batch_size: int) -> dict[str
         plots.confusion_figure(val_cm, list(data.CLASS_NAMES), title="val confusion matrix"),
         val_cm, list(data.CLASS_NAMES), "val")
     return {
-        "best_epoch": result.best_epoch,
+        **common,
         "best_val_acc": result.best_val_acc,
         # The best weights' validation scores, under names of their own: the per-epoch curves
         # own `val_loss`, and a summary logged there would add a false point.
         "best_val_loss": val_metrics["loss"],
         "best_val_macro_f1": val_metrics["macro_f1"],
-        "epochs": len(result.history),
-        "train_seconds": sum(r["epoch_seconds"] for r in result.history),
-        **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
-           for t in MILESTONES},
-        "params_count": count_parameters(result.model),
         **extra,
     }
 
@@ -533,7 +543,7 @@ def seconds_to_accuracy(history: list[dict[str, float]], target: float) -> float
     elapsed = 0.0
     for record in history:
         elapsed += record["epoch_seconds"]
-        if record["val_acc"] >= target:
+        if record.get("val_acc", 0.0) >= target:
             return elapsed
     return None
 
@@ -543,11 +553,12 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
     writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
     writer.writeheader()
     for row in history:
+        # A value the run did not measure (no validation split) is an empty cell.
         writer.writerow({k: (int(row[k]) if k == "epoch" else f"{row[k]:.6g}")
-                         for k in HISTORY_FIELDS})
+                         for k in HISTORY_FIELDS if k in row})
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
