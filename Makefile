@@ -8,7 +8,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
 .PHONY: setup data-source repro verify test test-fast lint server ui lock study study-quick \
-	best best-seeds fast ingredients bench bench-workers bench-ddp
+	best best-seeds fast ingredients bench bench-workers bench-ddp profile
 
 # The ablation study: every variant x seed queued as a DVC experiment, run, recorded under
 # reports/study/runs/<STUDY>/ as each finishes, then compared. Running it again skips what is
@@ -116,6 +116,13 @@ bench: setup
 bench-ddp: setup
 	$(BIN)/dvc repro split
 	PYTHONPATH=src $(BIN)/python benchmarks/ddp.py
+
+# Where an epoch's time goes (conv blocks, LSTM, head, augmentation, optimizer, validation),
+# for the default model and the accuracy recipe: reports/bench/profile-{default,best}.json.
+profile: setup
+	$(BIN)/dvc repro split
+	PYTHONPATH=src $(BIN)/python benchmarks/profile_epoch.py
+	PYTHONPATH=src $(BIN)/python benchmarks/profile_epoch.py --recipe best
 
 # 2 queue workers x 1 thread against 1 worker x 2 threads: reports/bench/workers.json.
 bench-workers: setup
