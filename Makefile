@@ -8,7 +8,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
 .PHONY: setup data-source repro verify test test-fast lint server ui lock study study-quick \
-	best best-seeds fast ingredients bench bench-workers bench-ddp profile
+	best best-seeds fast ingredients bench bench-workers bench-ddp profile fast-seeds best-all-seeds
 
 # The ablation study: every variant x seed queued as a DVC experiment, run, recorded under
 # reports/study/runs/<STUDY>/ as each finishes, then compared. Running it again skips what is
@@ -86,9 +86,10 @@ study-quick: setup
 	$(BIN)/python -m fmnist_crnn.study run --study quick --seeds 1 --jobs $(JOBS) \
 	  --set train.num_threads=$(THREADS) --epochs 2 --limit 6000
 
-# The accuracy recipe (README "Accuracy and speed"), defined in fmnist_crnn/study.py:
+# The accuracy recipe (docs/accuracy.md), defined in src/fmnist_crnn/study/recipes.yaml:
 # `make best` runs `dvc exp run -n best -S ...` in the workspace (SEED=43 for another seed);
-# `make best-seeds` queues seeds 42, 43, 44 as best-s42... and compares them;
+# `make best-seeds` queues seeds 42, 43, 44 as best-s42... and compares them; likewise
+# `make fast-seeds` and `make best-all-seeds` (the recipe on all 60,000 training images);
 # `make ingredients EPOCHS=5` runs the recipe's cumulative steps (what each ingredient adds).
 SEED ?=
 EPOCHS ?= 5
@@ -101,6 +102,12 @@ fast: setup
 
 best-seeds: setup
 	$(BIN)/python -m fmnist_crnn.study run --study best --variants best --seeds 3 --jobs 1
+
+fast-seeds: setup
+	$(BIN)/python -m fmnist_crnn.study run --study fast --variants fast --seeds 3 --jobs 1
+
+best-all-seeds: setup
+	$(BIN)/python -m fmnist_crnn.study run --study best-all --variants best-all --seeds 3 --jobs 1
 
 ingredients: setup
 	$(BIN)/python -m fmnist_crnn.study run --study ingredients-$(EPOCHS)ep --epochs $(EPOCHS) \

@@ -59,7 +59,7 @@ def test_recipe_ladder_adds_one_ingredient_per_step_and_ends_at_the_recipe():
     assert params.train.epochs == study.RECIPE_EPOCHS
 
 
-@pytest.mark.parametrize("name", ["best", "fast"])
+@pytest.mark.parametrize("name", ["best", "fast", "best-all"])
 def test_recipes_are_valid_params_under_the_parameter_budget(name):
     from fmnist_crnn.config import params_from_dict
     from fmnist_crnn.model import count_parameters
@@ -71,6 +71,13 @@ def test_recipes_are_valid_params_under_the_parameter_budget(name):
     params = params_from_dict(raw)
     assert count_parameters(CRNN(params.model)) < 2_000_000
     assert params.train.warmup_epochs == pytest.approx(0.2 * params.train.epochs)
+
+
+def test_the_full_training_set_recipe_is_the_recipe_without_validation():
+    assert study.RECIPES["best-all"] == {**study.RECIPE, "split.val_fraction": 0}
+    # Every named recipe runs as a study variant too (`make best-all-seeds`).
+    assert study.ALL_VARIANTS["best-all"].overrides == study.RECIPES["best-all"]
+    assert study.ALL_VARIANTS["fast"].overrides == study.RECIPES["fast"]
 
 
 def test_shorter_ladders_keep_the_warmup_share():

@@ -42,7 +42,6 @@ def load_ladder() -> tuple[int, dict[str, Variant]]:
 
 VARIANTS = load_variants()
 RECIPE_EPOCHS, RECIPE_VARIANTS = load_ladder()
-ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS}
 RECIPE = RECIPE_VARIANTS["best"].overrides
 
 
@@ -55,17 +54,23 @@ def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, 
 
 
 def _recipes() -> dict[str, dict[str, Any]]:
+    """Named recipes: a ladder step, optionally on another epoch count, plus overrides."""
     recipes = {}
     for name, spec in _load("recipes.yaml")["recipes"].items():
         overrides = RECIPE_VARIANTS[spec["step"]].overrides
         if spec.get("epochs"):
             overrides = {**scale_to_epochs(overrides, spec["epochs"]),
                          "train.epochs": spec["epochs"]}
-        recipes[name] = overrides
+        recipes[name] = {**overrides, **(spec.get("overrides") or {})}
     return recipes
 
 
 RECIPES = _recipes()
+# Everything a study can run: the ablations, the ladder's steps and the named recipes (a study
+# of `fast` or `best-all` runs them on several seeds).
+ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS,
+                **{name: Variant(name, f"recipe `{name}`", overrides)
+                   for name, overrides in RECIPES.items() if name not in RECIPE_VARIANTS}}
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
