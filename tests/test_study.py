@@ -96,6 +96,9 @@ def test_tta_runs_get_a_row_without_tta_just_above():
     assert names == ["baseline", "best (no TTA)", "best"]
     assert summary[2]["delta_vs_row_above"] == pytest.approx(0.2)
     assert summary[1]["delta_vs_row_above"] == pytest.approx(3.9)
+    # A ladder reads row by row: the step column is there, one cell per header cell.
+    assert "Δ vs row above" in lines[0]
+    assert {line.count("|") for line in lines} == {lines[0].count("|")}
 
 
 def test_comparison_is_rebuilt_from_records_and_names_missing_runs(tmp_path):
@@ -155,6 +158,9 @@ def test_table_has_mean_std_delta_and_noise_verdict():
     assert hidden["beyond_noise"].startswith("yes")
     dropout = next(s for s in summary if s["variant"] == "dropout01")
     assert dropout["beyond_noise"].startswith("no")
+    # Between ablations a "Δ vs row above" would compare unrelated variants: no such column.
+    assert "row above" not in lines[0]
+    assert {line.count("|") for line in lines} == {lines[0].count("|")}
 
 
 def test_collect_experiments_reads_dvc_exp_show_json():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
-from fmnist_crnn.study.catalog import ALL_VARIANTS
+from fmnist_crnn.study.catalog import ALL_VARIANTS, RECIPE_VARIANTS
 from fmnist_crnn.study.records import read_plan, read_records
 
 
@@ -71,12 +71,16 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
     order = [name for name in known if name in rows] + sorted(set(rows) - set(known))
     base = rows.get("baseline")
     base_acc = base.values("test_accuracy") if base else []
-    lines = [
-        "| variant | change | seeds | test accuracy (%) | test loss | best val acc (%) | "
-        "parameters | train time (s) | Δ accuracy vs baseline (points) | beyond seed noise | "
-        "Δ vs row above (points) | study reported |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
-    ]
+    # "Δ vs row above" reads a ladder of cumulative steps; between ablations it means nothing.
+    ladder = all(n.removesuffix(" (no TTA)") in RECIPE_VARIANTS or n == "baseline"
+                 for n in order)
+    header = ["variant", "change", "seeds", "test accuracy (%)", "test loss",
+              "best val acc (%)", "parameters", "train time (s)",
+              "Δ accuracy vs baseline (points)", "beyond seed noise",
+              *(["Δ vs row above (points)"] if ladder else []), "study reported"]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---" if h in ("variant", "change", "beyond seed noise",
+                                          "study reported") else "---:" for h in header) + "|"]
     summary = []
     previous: list[float] = []
     for name in order:
@@ -93,16 +97,15 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
         is_base = name == "baseline" or not base_acc
         noise = "–" if is_base else beyond_noise(base_acc, acc)
         params = row.values("params_count")
-        lines.append(
-            f"| {name} | {change} | {len(row.runs)} | "
-            f"{mean_std(acc, 100)} | {mean_std(row.values('test_loss'), 1, 4)} | "
-            f"{mean_std(row.values('best_val_acc'), 100)} | "
-            f"{int(params[0]):,} | {mean_std(row.values('train_seconds'), 1, 0)} | "
-            f"{'–' if is_base or math.isnan(delta) else f'{delta:+.2f}'} | "
-            f"{noise} | {'–' if math.isnan(step) else f'{step:+.2f}'} | "
-            f"{variant.reported if variant else ''} |"
-            if params else f"| {name} | incomplete runs |" + " |" * 10
-        )
+        cells = [name, change, len(row.runs), mean_std(acc, 100),
+                 mean_std(row.values("test_loss"), 1, 4),
+                 mean_std(row.values("best_val_acc"), 100),
+                 f"{int(params[0]):,}" if params else "?",
+                 mean_std(row.values("train_seconds"), 1, 0),
+                 "–" if is_base or math.isnan(delta) else f"{delta:+.2f}", noise,
+                 *(["–" if math.isnan(step) else f"{step:+.2f}"] if ladder else []),
+                 variant.reported if variant else ""]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         summary.append({"variant": name, "runs": row.runs, "delta_points": delta,
                         "p_value": None if is_base else welch_p(base_acc, acc),
                         "beyond_noise": noise, "delta_vs_row_above": step})
