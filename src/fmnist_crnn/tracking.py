@@ -288,15 +288,16 @@ def check_served_input(x: torch.Tensor) -> None:
         raise MlflowException(problem, error_code=INVALID_PARAMETER_VALUE)
 
 
-# MLflow's "models from code" file for the logged model: it builds `served_model()`'s
-# PythonModel, so nothing is pickled and the weights travel as a plain checkpoint.
+# MLflow's "models from code" file for the logged model: it calls `set_served_model`, so
+# nothing is pickled and the weights travel as a plain checkpoint.
 SERVED_MODEL_SCRIPT = "served_model.py"
 
 
-def served_model(load_weights: Callable[[str], torch.nn.Module]) -> Any:
-    """The logged model's pyfunc: the CRNN behind `check_served_input`, so the served model
-    (and `mlflow.pyfunc.load_model`) refuses input it would mispredict instead of answering.
-    ``load_weights`` rebuilds the network from the checkpoint artifact."""
+def set_served_model(load_weights: Callable[[str], torch.nn.Module]) -> None:
+    """Declare the logged model's pyfunc: the CRNN behind `check_served_input`, so the served
+    model (and `mlflow.pyfunc.load_model`) refuses input it would mispredict instead of
+    answering. ``load_weights`` rebuilds the network from the checkpoint artifact."""
+    import mlflow.models
     import mlflow.pyfunc
     import torch
 
@@ -313,13 +314,7 @@ def served_model(load_weights: Callable[[str], torch.nn.Module]) -> Any:
             with torch.no_grad():
                 return self.net(x.to(self.device)).cpu().numpy()
 
-    return ServedCRNN()
-
-
-def set_served_model(load_weights: Callable[[str], torch.nn.Module]) -> None:
-    import mlflow.models
-
-    mlflow.models.set_model(served_model(load_weights))
+    mlflow.models.set_model(ServedCRNN())
 
 
 def log_model(model: torch.nn.Module, checkpoint: Path, example: np.ndarray,
