@@ -163,6 +163,28 @@ def test_table_has_mean_std_delta_and_noise_verdict():
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
 
 
+def test_holm_adjusts_for_the_number_of_variants_tested():
+    adjusted = study.holm({"a": 0.01, "b": 0.04, "c": 0.03})
+    # Sorted 0.01, 0.03, 0.04 times 3, 2, 1, never below the step before.
+    assert adjusted == pytest.approx({"a": 0.03, "c": 0.06, "b": 0.06})
+    assert study.holm({"a": 0.6, "b": 0.9}) == pytest.approx({"a": 1.0, "b": 1.0})
+
+
+def test_many_near_five_percent_verdicts_do_not_survive_holm():
+    records = [record("baseline", s, a) for s, a in ((1, 0.890), (2, 0.895), (3, 0.885))]
+    for variant, shift in (("conv2", 0.008), ("kernels555", 0.009), ("dropout01", 0.030)):
+        records += [record(variant, s, a + shift)
+                    for s, a in ((1, 0.890), (2, 0.896), (3, 0.884))]
+    lines, summary = study.comparison_table(records)
+    assert "after Holm (3 tests)" in lines[0]
+    by_name = {s["variant"]: s for s in summary}
+    assert by_name["dropout01"]["beyond_noise_holm"].startswith("yes")
+    assert by_name["kernels555"]["p_value"] < 0.2
+    assert by_name["kernels555"]["p_value_holm"] > by_name["kernels555"]["p_value"]
+    assert by_name["baseline"]["beyond_noise_holm"] is None
+    assert {line.count("|") for line in lines} == {lines[0].count("|")}
+
+
 def test_collect_experiments_reads_dvc_exp_show_json():
     def node(name, variant, acc):
         return {"rev": f"rev-{name}-{acc}", "name": name, "data": {

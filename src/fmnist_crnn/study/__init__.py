@@ -16,12 +16,12 @@ from fmnist_crnn.study.catalog import (
     scale_to_epochs,
     variant_command,
 )
-from fmnist_crnn.study.comparison import beyond_noise, compare, comparison_table, missing_runs
+from fmnist_crnn.study.comparison import compare, comparison_table, holm, missing_runs
 from fmnist_crnn.study.records import collect_experiments, read_records
 
 __all__ = [
     "ALL_VARIANTS", "RECIPE", "RECIPE_EPOCHS", "RECIPE_VARIANTS", "RECIPES", "VARIANTS",
-    "Variant", "beyond_noise", "collect_experiments", "compare", "comparison_table",
+    "Variant", "collect_experiments", "compare", "comparison_table", "holm",
     "experiment_name", "missing_runs", "override_args", "read_records", "run_overrides",
     "scale_to_epochs", "variant_command",
 ]

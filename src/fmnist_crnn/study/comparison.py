@@ -1,5 +1,6 @@
 """The comparison of a study: mean ± std over seeds, the difference to the baseline with
-Welch's t-test, the course report's number beside ours; Markdown, JSON and two figures, built
+Welch's t-test (and Holm's correction for testing many variants against one baseline), the
+course report's number beside ours; Markdown, JSON and two figures, built
 from the committed run records alone."""
 
 from __future__ import annotations
@@ -35,9 +36,19 @@ def welch_p(base: list[float], other: list[float]) -> float | None:
     return float(ttest_ind(base, other, equal_var=False).pvalue)
 
 
-def beyond_noise(base: list[float], other: list[float]) -> str:
-    """Welch's t-test at 5%; needs two or more seeds on both sides."""
-    p = welch_p(base, other)
+def holm(p_values: dict[str, float]) -> dict[str, float]:
+    """Holm's step-down adjusted p-values: with m variants each tested against the baseline,
+    an adjusted p below 5% keeps the chance of any false "yes" in the table under 5%."""
+    adjusted, running = {}, 0.0
+    ranked = sorted(p_values.items(), key=lambda item: item[1])
+    for i, (name, p) in enumerate(ranked):
+        running = max(running, min(1.0, (len(ranked) - i) * p))
+        adjusted[name] = running
+    return adjusted
+
+
+def verdict(p: float | None) -> str:
+    """"yes" below 5%; a test needs two or more seeds on both sides."""
     if p is None:
         return "n/a (1 seed)"
     return f"{'yes' if p < 0.05 else 'no'} (p={p:.2f})"
@@ -74,13 +85,20 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
     # "Δ vs row above" reads a ladder of cumulative steps; between ablations it means nothing.
     ladder = all(n.removesuffix(" (no TTA)") in RECIPE_VARIANTS or n == "baseline"
                  for n in order)
+    p_values = {name: welch_p(base_acc, rows[name].values("test_accuracy"))
+                for name in order if name != "baseline" and base_acc}
+    tested = {name: p for name, p in p_values.items() if p is not None}
+    adjusted = holm(tested) if len(tested) > 1 else {}
+    holm_header = f"after Holm ({len(tested)} tests)"
     header = ["variant", "change", "seeds", "test accuracy (%)", "test loss",
               "best val acc (%)", "parameters", "train time (s)",
               "Δ accuracy vs baseline (points)", "beyond seed noise",
+              *([holm_header] if adjusted else []),
               *(["Δ vs row above (points)"] if ladder else []), "study reported"]
     lines = ["| " + " | ".join(header) + " |",
              "|" + "|".join("---" if h in ("variant", "change", "beyond seed noise",
-                                          "study reported") else "---:" for h in header) + "|"]
+                                          holm_header, "study reported")
+                            else "---:" for h in header) + "|"]
     summary = []
     previous: list[float] = []
     for name in order:
@@ -95,7 +113,8 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
         delta = (statistics.mean(acc) - statistics.mean(base_acc)) * 100 if base_acc else math.nan
         step = (statistics.mean(acc) - statistics.mean(previous)) * 100 if previous else math.nan
         is_base = name == "baseline" or not base_acc
-        noise = "–" if is_base else beyond_noise(base_acc, acc)
+        noise = "–" if is_base else verdict(p_values[name])
+        holm_cell = "–" if is_base else verdict(adjusted.get(name))
         params = row.values("params_count")
         cells = [name, change, len(row.runs), mean_std(acc, 100),
                  mean_std(row.values("test_loss"), 1, 4),
@@ -103,12 +122,15 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
                  f"{int(params[0]):,}" if params else "?",
                  mean_std(row.values("train_seconds"), 1, 0),
                  "–" if is_base or math.isnan(delta) else f"{delta:+.2f}", noise,
+                 *([holm_cell] if adjusted else []),
                  *(["–" if math.isnan(step) else f"{step:+.2f}"] if ladder else []),
                  variant.reported if variant else ""]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
         summary.append({"variant": name, "runs": row.runs, "delta_points": delta,
-                        "p_value": None if is_base else welch_p(base_acc, acc),
-                        "beyond_noise": noise, "delta_vs_row_above": step})
+                        "p_value": None if is_base else p_values[name],
+                        "p_value_holm": adjusted.get(name), "beyond_noise": noise,
+                        "beyond_noise_holm": None if is_base or not adjusted else holm_cell,
+                        "delta_vs_row_above": step})
         previous = acc
     return lines, summary
 
@@ -151,7 +173,10 @@ def compare(study: str, out_dir: Path) -> Path:
         f"in `runs/{study}/` (one JSON file per finished run: its params, metrics, per-epoch "
         f"history and environment). Settings (epochs, sample limit): "
         f"{', '.join(_setting(e, lim) for e, lim in settings)}. Mean ± standard "
-        "deviation over seeds; 'beyond seed noise' is Welch's t-test against the baseline at 5%.",
+        "deviation over seeds; 'beyond seed noise' is Welch's t-test against the baseline at 5%; "
+        "'after Holm' adjusts those p-values for the number of variants tested (Holm's "
+        "step-down method), so that all the table's 'yes' together are wrong with at most 5% "
+        "probability.",
         "",
         f"Runs recorded: {len(records)}. "
         + (f"**Missing ({len(missing)}): {', '.join(missing)}.**" if missing
