@@ -74,7 +74,7 @@ def test_recipes_are_valid_params_under_the_parameter_budget(name):
 
 
 def test_the_full_training_set_recipe_is_the_recipe_without_validation():
-    assert study.RECIPES["best-all"] == {**study.RECIPE, "split.val_fraction": 0}
+    assert study.RECIPES["best-all"] == {**study.RECIPES["best"], "split.val_fraction": 0}
     # Every named recipe runs as a study variant too (`make best-all-seeds`).
     assert study.ALL_VARIANTS["best-all"].overrides == study.RECIPES["best-all"]
     assert study.ALL_VARIANTS["fast"].overrides == study.RECIPES["fast"]
