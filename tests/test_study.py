@@ -78,6 +78,16 @@ def test_the_full_training_set_recipe_is_the_recipe_without_validation():
     # Every named recipe runs as a study variant too (`make best-all-seeds`).
     assert study.ALL_VARIANTS["best-all"].overrides == study.RECIPES["best-all"]
     assert study.ALL_VARIANTS["fast"].overrides == study.RECIPES["fast"]
+    # `make best-seeds` runs what `make best` runs, not the ladder's step of the same name.
+    assert study.ALL_VARIANTS["best"].overrides == study.RECIPES["best"]
+
+
+def test_a_ladder_study_scales_the_recipe_warmup_from_its_own_epochs():
+    best = study.ALL_VARIANTS["best"]
+    runs = study.run_overrides(best, 42, "ingredients-6ep", {"train.epochs": 6})
+    assert runs["train.epochs"] == 6
+    share = study.RECIPES["best"]["train.warmup_epochs"] / study.RECIPES["best"]["train.epochs"]
+    assert runs["train.warmup_epochs"] == pytest.approx(share * 6)
 
 
 def test_shorter_ladders_keep_the_warmup_share():

@@ -49,7 +49,7 @@ def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, 
     """The recipe's warmup is a share of its epochs: keep that share when epochs change."""
     if not epochs or "train.warmup_epochs" not in overrides:
         return overrides
-    share = overrides["train.warmup_epochs"] / RECIPE_EPOCHS
+    share = overrides["train.warmup_epochs"] / overrides.get("train.epochs", RECIPE_EPOCHS)
     return {**overrides, "train.warmup_epochs": round(share * epochs, 3)}
 
 
@@ -67,10 +67,13 @@ def _recipes() -> dict[str, dict[str, Any]]:
 
 RECIPES = _recipes()
 # Everything a study can run: the ablations, the ladder's steps and the named recipes (a study
-# of `fast` or `best-all` runs them on several seeds).
+# of `best`, `fast` or `best-all` runs them on several seeds). A named recipe wins over the
+# ladder step of the same name, so `make best-seeds` runs what `make best` runs; a study of
+# the ladder sets one epoch count for all its steps (`make ingredients EPOCHS=...`).
 ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS,
-                **{name: Variant(name, f"recipe `{name}`", overrides)
-                   for name, overrides in RECIPES.items() if name not in RECIPE_VARIANTS}}
+                **{name: Variant(name, RECIPE_VARIANTS[name].change
+                                 if name in RECIPE_VARIANTS else f"recipe `{name}`", overrides)
+                   for name, overrides in RECIPES.items()}}
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
