@@ -284,3 +284,22 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 planned, 2 recorded, 0 to run" in proc.stdout
     assert "queued" not in proc.stdout
+
+
+def test_waiting_collects_only_when_a_run_finished(monkeypatch):
+    from fmnist_crnn.study import queue
+
+    def status(*states):
+        rows = [f"t{i}  s-v-{i}  10:00 PM  {state}" for i, state in enumerate(states)]
+        return "\n".join(["Task  Name  Created  Status", *rows, "",
+                          "Worker status: 1 active, 0 idle"])
+
+    rounds = iter([status("Running", "Queued"), status("Running", "Queued"),
+                   status("Success", "Running"), status("Success", "Running"),
+                   status("Success", "Success")])
+    monkeypatch.setattr(queue, "dvc", lambda *args: next(rounds))
+    monkeypatch.setattr(queue.time, "sleep", lambda s: None)
+    collected = []
+    queue.wait(1, on_finished=lambda: collected.append(1), poll_s=0)
+    # Once at the start, once per round in which a run finished: not on every poll.
+    assert len(collected) == 3

@@ -75,7 +75,7 @@ def run_study(args: argparse.Namespace) -> Path:
     if todo:
         queue.queue_runs(todo)
         queue.dvc("queue", "start", "-j", str(args.jobs))
-        queue.wait(args.jobs, on_poll=lambda: collect(study, out_dir), poll_s=args.poll)
+        queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir), poll_s=args.poll)
         collect(study, out_dir)
     path = comparison.compare(study, out_dir)
     missing = comparison.missing_runs({"runs": plan}, records.read_records(out_dir, study))
