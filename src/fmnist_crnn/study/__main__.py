@@ -74,7 +74,7 @@ def run_study(args: argparse.Namespace) -> Path:
           f"{len(todo)} to run")
     if todo:
         queue.queue_runs(todo)
-        queue.dvc("queue", "start", "-j", str(args.jobs))
+        queue.start_workers(args.jobs)
         queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir), poll_s=args.poll)
         collect(study, out_dir)
     path = comparison.compare(study, out_dir)

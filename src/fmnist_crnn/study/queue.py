@@ -25,6 +25,12 @@ def dvc(*args: str, capture: bool = True) -> str:
     return proc.stdout if capture else ""
 
 
+def start_workers(jobs: int) -> None:
+    # Not captured: the workers `dvc queue start` leaves running inherit its stdout, so a
+    # captured pipe would stay open and block this call until the whole queue has run.
+    dvc("queue", "start", "-j", str(jobs), capture=False)
+
+
 def queue_status() -> dict[str, str]:
     """Experiment name -> Queued / Running / Success / Failed, from `dvc queue status`."""
     states = {}
@@ -71,7 +77,7 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
         workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
         if workers and workers.groups() == ("0", "0"):
             print("no queue worker is left; starting them again")
-            dvc("queue", "start", "-j", str(jobs))
+            start_workers(jobs)
         print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running",
               flush=True)
         time.sleep(poll_s)
