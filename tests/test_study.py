@@ -303,3 +303,19 @@ def test_waiting_collects_only_when_a_run_finished(monkeypatch):
     queue.wait(1, on_finished=lambda: collected.append(1), poll_s=0)
     # Once at the start, once per round in which a run finished: not on every poll.
     assert len(collected) == 3
+
+
+def test_queue_workers_start_without_a_captured_pipe(monkeypatch):
+    # A worker `dvc queue start` leaves running inherits a captured stdout pipe and keeps it
+    # open: the runner would block until the whole queue had run.
+    from fmnist_crnn.study import queue
+
+    calls = []
+
+    def run(args, **kwargs):
+        calls.append(kwargs)
+        return subprocess.CompletedProcess(args, 0, "", "")
+
+    monkeypatch.setattr(queue.subprocess, "run", run)
+    queue.start_workers(2)
+    assert calls and not calls[0].get("capture_output")
