@@ -305,6 +305,29 @@ def test_waiting_collects_only_when_a_run_finished(monkeypatch):
     assert len(collected) == 3
 
 
+def test_waiting_retries_a_failed_collect_at_the_next_poll(monkeypatch):
+    # `dvc exp show` fails while a worker's temporary copy is half made: the queue runs on,
+    # so the wait must not end (and leave finished runs unrecorded); the next poll retries.
+    from fmnist_crnn.study import queue
+
+    header = "Task  Name  Created  Status"
+    rounds = iter([f"{header}\nt0  s-v-0  10:00 PM  Running\n\nWorker status: 1 active, 0 idle",
+                   f"{header}\nt0  s-v-0  10:00 PM  Running\n\nWorker status: 1 active, 0 idle",
+                   f"{header}\nt0  s-v-0  10:00 PM  Success\n\nWorker status: 0 active, 0 idle"])
+    monkeypatch.setattr(queue, "dvc", lambda *args: next(rounds))
+    monkeypatch.setattr(queue.time, "sleep", lambda s: None)
+    attempts = []
+
+    def collect():
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("`dvc exp show --json --all-commits` failed (1): no .dvc")
+
+    queue.wait(1, on_finished=collect, poll_s=0)
+    # Failed at the start, retried on the next poll (same count), again when the run finished.
+    assert len(attempts) == 3
+
+
 def test_queue_workers_start_without_a_captured_pipe(monkeypatch):
     # A worker `dvc queue start` leaves running inherits a captured stdout pipe and keeps it
     # open: the runner would block until the whole queue had run.

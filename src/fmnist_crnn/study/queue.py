@@ -62,15 +62,20 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
     ~13 s of CPU with a few dozen experiments: every minute, it would slow the timed runs).
 
     Workers can exit with tasks still queued (a `dvc queue stop` issued earlier reaches the
-    next workers too): then start them again.
+    next workers too): then start them again. A failed ``on_finished`` is retried at the next
+    poll instead of ending the wait: while a worker creates or removes its temporary copy,
+    `dvc exp show` can fail on the half-made directory, and the queue runs on regardless.
     """
     finished_before = None
     while True:
         status = dvc("queue", "status")
         finished = len(re.findall(r"\b(Success|Failed)\b", status))
         if finished != finished_before:
-            on_finished()
-            finished_before = finished
+            try:
+                on_finished()
+                finished_before = finished
+            except RuntimeError as exc:
+                print(f"collecting failed, retrying at the next poll: {exc}", flush=True)
         active = [line for line in status.splitlines() if re.search(r"\b(Queued|Running)\b", line)]
         if not active:
             return
