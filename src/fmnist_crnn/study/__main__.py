@@ -103,7 +103,9 @@ def main(argv: list[str] | None = None) -> None:
                      help="extra override for every run, e.g. train.num_threads=1")
     run.add_argument("--study", help="study id (default: study-<UTC time>)")
     run.add_argument("--out", default="reports/study")
-    run.add_argument("--poll", type=float, default=60.0, help="seconds between queue checks")
+    run.add_argument("--poll", type=float, default=300.0,
+                     help="seconds between queue checks (each `dvc queue status` costs ~1 s "
+                          "of CPU beside the runs being timed)")
     col = sub.add_parser("collect", help="record the study's finished experiments")
     cmp_ = sub.add_parser("compare", help="rebuild the comparison from the run records")
     for p in (col, cmp_):

@@ -56,7 +56,7 @@ def queue_runs(runs: Iterable[tuple[str, list[str]]]) -> list[str]:
 
 
 def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
-         poll_s: float = 60.0) -> None:
+         poll_s: float = 300.0) -> None:
     """Block until no queued or running experiment is left, calling ``on_finished`` whenever
     a task has finished since the last round (`dvc exp show`, which collecting needs, costs
     ~13 s of CPU with a few dozen experiments: every minute, it would slow the timed runs).
