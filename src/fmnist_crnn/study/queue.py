@@ -31,14 +31,23 @@ def start_workers(jobs: int) -> None:
     dvc("queue", "start", "-j", str(jobs), capture=False)
 
 
+STATES = ("Queued", "Running", "Success", "Failed")
+
+
+def parse_status(text: str) -> tuple[list[tuple[str, str]], tuple[int, int] | None]:
+    """`dvc queue status` output -> its (name, state) rows and its (active, idle) workers."""
+    rows = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[-1] in STATES:
+            rows.append((words[1], words[-1]))
+    workers = re.search(r"Worker status: (\d+) active, (\d+) idle", text)
+    return rows, (int(workers[1]), int(workers[2])) if workers else None
+
+
 def queue_status() -> dict[str, str]:
     """Experiment name -> Queued / Running / Success / Failed, from `dvc queue status`."""
-    states = {}
-    for line in dvc("queue", "status").splitlines():
-        words = line.split()
-        if len(words) >= 3 and words[-1] in ("Queued", "Running", "Success", "Failed"):
-            states[words[1]] = words[-1]
-    return states
+    return dict(parse_status(dvc("queue", "status"))[0])
 
 
 def queue_runs(runs: Iterable[tuple[str, list[str]]]) -> list[str]:
@@ -68,19 +77,18 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
     """
     finished_before = None
     while True:
-        status = dvc("queue", "status")
-        finished = len(re.findall(r"\b(Success|Failed)\b", status))
+        rows, workers = parse_status(dvc("queue", "status"))
+        finished = sum(state in ("Success", "Failed") for _, state in rows)
         if finished != finished_before:
             try:
                 on_finished()
                 finished_before = finished
             except RuntimeError as exc:
                 print(f"collecting failed, retrying at the next poll: {exc}", flush=True)
-        active = [line for line in status.splitlines() if re.search(r"\b(Queued|Running)\b", line)]
+        active = [name for name, state in rows if state in ("Queued", "Running")]
         if not active:
             return
-        workers = re.search(r"Worker status: (\d+) active, (\d+) idle", status)
-        if workers and workers.groups() == ("0", "0"):
+        if workers == (0, 0):
             print("no queue worker is left; starting them again")
             start_workers(jobs)
         print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running",
