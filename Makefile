@@ -8,7 +8,8 @@ MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
 .PHONY: setup data-source repro verify test test-fast lint server ui lock study study-quick \
-	best best-seeds fast ingredients bench bench-workers bench-ddp profile fast-seeds best-all-seeds
+	best best-seeds fast ingredients bench bench-workers bench-ddp profile fast-seeds best-all-seeds \
+	best-bf16-seeds
 
 # The ablation study: every variant x seed queued as a DVC experiment, run, recorded under
 # reports/study/runs/<STUDY>/ as each finishes, then compared. Running it again skips what is
@@ -108,6 +109,9 @@ fast-seeds: setup
 
 best-all-seeds: setup
 	$(BIN)/python -m fmnist_crnn.study run --study best-all --variants best-all --seeds 3 --jobs 1
+
+best-bf16-seeds: setup
+	$(BIN)/python -m fmnist_crnn.study run --study best-bf16 --variants best-bf16 --seeds 3 --jobs 1
 
 ingredients: setup
 	$(BIN)/python -m fmnist_crnn.study run --study ingredients-$(EPOCHS)ep --epochs $(EPOCHS) \

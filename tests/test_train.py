@@ -225,3 +225,23 @@ def test_without_validation_the_last_epoch_is_kept_and_reported_as_such(raw_dir,
     train.write_history(tmp_path / "history.csv", result.history)
     assert train.read_history(tmp_path / "history.csv") == [
         {k: pytest.approx(v, rel=1e-5) for k, v in r.items()} for r in result.history]
+
+
+def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
+    import dataclasses
+
+    base = TrainConfig(epochs=1, batch_size=16, seed=5, device="cpu")
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, args, out: seen.append(out.dtype)
+        if isinstance(module, torch.nn.Conv2d) and module.training else None)
+    try:
+        plain = train.fit(SMALL, base, *splits, progress=False)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        mixed = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
+        assert set(seen) == {torch.bfloat16}
+    finally:
+        hook.remove()
+    assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
+    assert mixed.history[0]["train_loss"] != plain.history[0]["train_loss"]

@@ -128,7 +128,7 @@ class TrainConfig:
     # Exponential moving average of the weights (e.g. 0.999): validation, the kept weights and
     # the logged model all use the average; null trains without one.
     ema_decay: float | None = None
-    amp: bool = False  # automatic mixed precision (float16 + GradScaler) on CUDA; CPU: float32
+    amp: bool = False  # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU
     channels_last: bool = False  # NHWC memory layout for the convolutions (faster on CPU)
     # "auto" picks CUDA when present, else CPU.
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -235,13 +235,22 @@ def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
                       best_state=copy.deepcopy(model.state_dict()))
 
 
+def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
+    """What ``train.amp`` computes the forward pass in: float16 on CUDA (with a GradScaler),
+    bfloat16 on the CPU (float32's exponent range, so no scaler; about half the step time of
+    float32 on a CPU with AVX-512 BF16). Weights, optimizer and validation stay float32."""
+    if not cfg.amp:
+        return None
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
 def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfig,
                     augment: AugmentConfig | None,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
                     device: torch.device, memory_format: torch.memory_format,
                     ctx: distributed.Context) -> tuple[float, float]:
     """One pass over this process's batches; returns the (all-process) loss and accuracy."""
-    amp = cfg.amp and device.type == "cuda"
+    amp_dtype = autocast_dtype(cfg, device)
     state.model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for step, (x, y) in enumerate(batches):
@@ -250,7 +259,7 @@ def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfi
         x = x.to(device, memory_format=memory_format, non_blocking=True)
         y = y.to(device, non_blocking=True)
         state.optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = trained(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
