@@ -59,7 +59,7 @@ def test_recipe_ladder_adds_one_ingredient_per_step_and_ends_at_the_recipe():
     assert params.train.epochs == study.RECIPE_EPOCHS
 
 
-@pytest.mark.parametrize("name", ["best", "fast", "best-all"])
+@pytest.mark.parametrize("name", ["best", "fast", "best-all", "best-bf16"])
 def test_recipes_are_valid_params_under_the_parameter_budget(name):
     from fmnist_crnn.config import params_from_dict
     from fmnist_crnn.model import count_parameters
@@ -74,11 +74,11 @@ def test_recipes_are_valid_params_under_the_parameter_budget(name):
 
 
 def test_the_full_training_set_recipe_is_the_recipe_without_validation():
-    assert study.RECIPES["best-all"] == {**study.RECIPES["best"], "split.val_fraction": 0}
+    assert study.RECIPES["best-all"] == {**study.RECIPES["best-bf16"], "split.val_fraction": 0}
     # Every named recipe runs as a study variant too (`make best-all-seeds`).
     assert study.ALL_VARIANTS["best-all"].overrides == study.RECIPES["best-all"]
     assert study.ALL_VARIANTS["fast"].overrides == study.RECIPES["fast"]
-    # `make best-seeds` runs what `make best` runs, not the ladder's step of the same name.
+    # A study of `best` (`make best-fp32-seeds`) runs the recipe, not the ladder's step.
     assert study.ALL_VARIANTS["best"].overrides == study.RECIPES["best"]
 
 

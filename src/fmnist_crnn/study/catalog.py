@@ -67,8 +67,8 @@ def _recipes() -> dict[str, dict[str, Any]]:
 
 RECIPES = _recipes()
 # Everything a study can run: the ablations, the ladder's steps and the named recipes (a study
-# of `best`, `fast` or `best-all` runs them on several seeds). A named recipe wins over the
-# ladder step of the same name, so `make best-seeds` runs what `make best` runs; a study of
+# of `best-bf16`, `fast` or `best-all` runs them on several seeds). A named recipe wins over
+# the ladder step of the same name, so a study of `best` runs the recipe `best`; a study of
 # the ladder sets one epoch count for all its steps (`make ingredients EPOCHS=...`).
 ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS,
                 **{name: Variant(name, RECIPE_VARIANTS[name].change
