@@ -237,8 +237,9 @@ def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
 
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """What ``train.amp`` computes the forward pass in: float16 on CUDA (with a GradScaler),
-    bfloat16 on the CPU (float32's exponent range, so no scaler; about half the step time of
-    float32 on a CPU with AVX-512 BF16). Weights, optimizer and validation stay float32."""
+    bfloat16 on the CPU (float32's exponent range, so no scaler; 0.6-0.8x the epoch time of
+    float32 on a CPU with AVX-512 BF16, docs/accuracy.md). Weights, optimizer and validation
+    stay float32."""
     if not cfg.amp:
         return None
     return torch.float16 if device.type == "cuda" else torch.bfloat16
