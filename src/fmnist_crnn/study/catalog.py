@@ -54,9 +54,13 @@ def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, 
 
 
 def _recipes() -> dict[str, dict[str, Any]]:
-    """Named recipes: a ladder step, optionally on another epoch count, plus overrides."""
+    """Named recipes: a ladder step, optionally on another epoch count, plus overrides; or
+    another named recipe (``recipe:``, defined above it) plus overrides."""
     recipes = {}
     for name, spec in _load("recipes.yaml")["recipes"].items():
+        if "recipe" in spec:
+            recipes[name] = {**recipes[spec["recipe"]], **(spec.get("overrides") or {})}
+            continue
         overrides = RECIPE_VARIANTS[spec["step"]].overrides
         if spec.get("epochs"):
             overrides = {**scale_to_epochs(overrides, spec["epochs"]),
