@@ -231,16 +231,17 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
     import dataclasses
 
     base = TrainConfig(epochs=1, batch_size=16, seed=5, device="cpu")
-    seen = []
+    seen = []  # (training?, dtype) of every convolution's output
     hook = torch.nn.modules.module.register_module_forward_hook(
-        lambda module, args, out: seen.append(out.dtype)
-        if isinstance(module, torch.nn.Conv2d) and module.training else None)
+        lambda module, args, out: seen.append((module.training, out.dtype))
+        if isinstance(module, torch.nn.Conv2d) else None)
     try:
         plain = train.fit(SMALL, base, *splits, progress=False)
-        assert set(seen) == {torch.float32}
+        assert set(seen) == {(True, torch.float32), (False, torch.float32)}
         seen.clear()
         mixed = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
-        assert set(seen) == {torch.bfloat16}
+        # Training steps and the per-epoch validation (eval mode) both run in bfloat16.
+        assert set(seen) == {(True, torch.bfloat16), (False, torch.bfloat16)}
         again = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
     finally:
         hook.remove()
