@@ -139,8 +139,7 @@ def one_epoch(params, train_data, val_data, clock: Clock | None = None) -> dict[
         clock.seconds["wall/training"] = time.perf_counter() - started
     seconds = dict(clock.seconds)  # before validation runs the hooked forward again
     started = time.perf_counter()
-    train.validate(state.evaluated, val_data, params.train.batch_size, device,
-                   train.autocast_dtype(params.train, device))
+    train.validate(state.evaluated, val_data, params.train.batch_size, device)
     seconds["wall/validation"] = time.perf_counter() - started
     return seconds
 

@@ -1,7 +1,8 @@
-"""What validating in bfloat16 costs and changes: a trained model's validation split, float32
-against the bfloat16 autocast that ``train.amp`` uses for the per-epoch validation.
+"""What validating in bfloat16 would save and change: a trained model's validation split in
+float32 (what the train stage's per-epoch validation uses, ``train.amp`` or not) against the
+bfloat16 autocast of ``train.amp``'s training steps.
 
-Calls ``train.validate`` (the per-epoch validation of the train stage) with and without the
+Calls ``train.validate`` (the per-epoch validation of the train stage) without and within the
 autocast, alternating over a few rounds so that both see the same machine load, and prints
 seconds and correct predictions of each. A benchmark, not a test: read the seconds within one
 run; the correct counts are deterministic on one machine.
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
     for number in range(1, args.rounds + 1):
         for name, dtype in PRECISIONS.items():
             started = time.perf_counter()
-            loss, acc = train.validate(model, val_data, args.batch_size, device, dtype)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                loss, acc = train.validate(model, val_data, args.batch_size, device)
             seconds = time.perf_counter() - started
             correct = round(acc * len(val_data[1]))
             rounds.append({"round": number, "precision": name, "seconds": seconds,

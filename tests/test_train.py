@@ -240,8 +240,9 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
         assert set(seen) == {(True, torch.float32), (False, torch.float32)}
         seen.clear()
         mixed = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
-        # Training steps and the per-epoch validation (eval mode) both run in bfloat16.
-        assert set(seen) == {(True, torch.bfloat16), (False, torch.bfloat16)}
+        # The training steps run in bfloat16, the per-epoch validation (eval mode) in float32:
+        # the recorded runs picked their epoch that way (docs/accuracy.md, sitting D).
+        assert set(seen) == {(True, torch.bfloat16), (False, torch.float32)}
         again = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
     finally:
         hook.remove()

@@ -238,9 +238,8 @@ def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """What ``train.amp`` computes the forward pass in: float16 on CUDA (with a GradScaler),
     bfloat16 on the CPU (float32's exponent range, so no scaler; 0.6-0.8x the epoch time of
-    float32 on a CPU with AVX-512 BF16, docs/accuracy.md). The per-epoch validation runs in it
-    too; weights, gradients, optimizer, the kept weights' final scores and the test set stay
-    float32."""
+    float32 on a CPU with AVX-512 BF16, docs/accuracy.md). Weights, optimizer and validation
+    stay float32."""
     if not cfg.amp:
         return None
     return torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -290,12 +289,9 @@ def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfi
 
 
 def validate(model: torch.nn.Module, val_data: Dataset, batch_size: int,
-             device: torch.device, amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
-    """Loss and accuracy of ``model`` on the whole validation split, under the training's
-    autocast when ``amp_dtype`` is given (``train.amp``: the per-epoch validation only picks
-    the epoch kept, and in float32 it took 12% of a bfloat16 epoch)."""
-    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        logits = predict_logits(model, val_data[0], batch_size, device)
+             device: torch.device) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on the whole validation split."""
+    logits = predict_logits(model, val_data[0], batch_size, device)
     return F.cross_entropy(logits, val_data[1]).item(), accuracy(logits, val_data[1])
 
 
@@ -330,7 +326,6 @@ def fit(
         torch.set_num_threads(cfg.num_threads)
     device = distributed.setup(ctx, select_device(cfg.device))
     memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
-    amp_dtype = autocast_dtype(cfg, device)
     shard = (lambda order: distributed.shard(order, ctx)) if ctx.enabled else None
     shard_size = len(shard(torch.arange(len(train_data[1])))) if shard else len(train_data[1])
     steps = data.num_batches(shard_size, cfg.batch_size)
@@ -352,7 +347,7 @@ def fit(
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         if len(val_data[1]):
             record["val_loss"], record["val_acc"] = validate(state.evaluated, val_data,
-                                                             cfg.batch_size, device, amp_dtype)
+                                                             cfg.batch_size, device)
         record.update(lr=state.optimizer.param_groups[0]["lr"],
                       epoch_seconds=time.perf_counter() - started)
         state.end_epoch(record)
