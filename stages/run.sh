@@ -24,7 +24,7 @@ fi
 # glibc's malloc hands blocks over 128 KiB (adaptively more) back to the kernel with munmap, and
 # a training step allocates and frees many such tensors: each comes back as fresh pages, page
 # fault by page fault. Serving blocks up to 32 MiB from the heap and keeping freed memory made a
-# bfloat16 epoch of the recipe 13-20% shorter here (docs/accuracy.md, "Where an epoch's time
-# goes"). Other C libraries ignore the variable; a GLIBC_TUNABLES of your own wins.
+# bfloat16 epoch of the recipe 11-22% shorter in two same-run profiles here (docs/accuracy.md,
+# "The allocator"). Other C libraries ignore the variable; a GLIBC_TUNABLES of your own wins.
 export GLIBC_TUNABLES="${GLIBC_TUNABLES-glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=4294967296}"
 PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" exec "$py" "$@"
