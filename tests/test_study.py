@@ -59,7 +59,7 @@ def test_recipe_ladder_adds_one_ingredient_per_step_and_ends_at_the_recipe():
     assert params.train.epochs == study.RECIPE_EPOCHS
 
 
-@pytest.mark.parametrize("name", ["best", "fast", "best-all", "best-bf16"])
+@pytest.mark.parametrize("name", sorted(study.RECIPES))
 def test_recipes_are_valid_params_under_the_parameter_budget(name):
     from fmnist_crnn.config import params_from_dict
     from fmnist_crnn.model import count_parameters
