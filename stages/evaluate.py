@@ -16,6 +16,7 @@ def main(args, params) -> None:
         batch_size=params.train.batch_size,
         tracking_cfg=params.tracking, device_name=params.train.device,
         tta_hflip=params.evaluate.tta_hflip,
+        tta_shift=params.evaluate.tta_shift,
     )
 
 

@@ -49,6 +49,7 @@ def test_repository_params_are_the_study_baseline():
     ("augment", "crop_padding", -1, "'augment.crop_padding'"),
     ("augment", "vflip", True, "unknown key 'augment.vflip'"),
     ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
+    ("evaluate", "tta_shift", -1, "'evaluate.tta_shift'"),
 ])
 def test_bad_values_name_the_key(section, key, value, fragment):
     raw = raw_params()

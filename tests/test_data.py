@@ -203,6 +203,16 @@ def test_random_crop_shifts_each_image_within_the_padding():
     assert len(set(zip(rows.tolist(), cols.tolist(), strict=True))) > 5
 
 
+@pytest.mark.parametrize(("dy", "dx"), [(0, 0), (1, 0), (-1, 0), (0, 2), (-2, -3)])
+def test_shift_moves_the_image_and_fills_black(dy, dx):
+    x = _dot_batch(1)  # one white pixel at row 5, column 9
+    out = data.shift(x, dy, dx)
+    assert out.shape == x.shape
+    assert out[0, 0, 5 + dy, 9 + dx] == 1 and out.sum() == 1
+    full = data.shift(torch.ones(1, 1, 28, 28), dy, dx)[0, 0]
+    assert full.sum() == (28 - abs(dy)) * (28 - abs(dx))  # uncovered rows/columns are 0
+
+
 def test_flip_is_horizontal_only_and_about_half_the_batch():
     out = data.augment_batch(_dot_batch(200), AugmentConfig(hflip=True),
                              torch.Generator().manual_seed(0))

@@ -184,6 +184,31 @@ def test_flip_tta_averages_the_logits_of_the_image_and_its_mirror(splits):
     assert torch.allclose(tta, (plain + mirrored) / 2, atol=1e-6)
 
 
+def test_shift_tta_averages_the_moved_images_and_their_mirrors(splits):
+    from fmnist_crnn.data import shift, to_float
+    from fmnist_crnn.evaluate import predict_logits_and_tta, tta_views
+    from fmnist_crnn.model import CRNN
+
+    assert tta_views(False) == [(0, 0, False)]
+    assert len(tta_views(True)) == 2 and len(tta_views(False, 1)) == 5
+    views = tta_views(True, 2)
+    assert views[0] == (0, 0, False) and len(set(views)) == 10
+    assert {(dy, dx) for dy, dx, _ in views} == {(0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)}
+
+    model = CRNN(SMALL).eval()
+    images = splits[1][0][:10]
+    x = to_float(images)
+    with torch.no_grad():
+        expected = torch.stack([model(shift(x, dy, dx).flip(-1) if m else shift(x, dy, dx))
+                                for dy, dx, m in views]).mean(0)
+        plain_expected = model(x)
+    plain, tta = predict_logits_and_tta(model, images, 4, torch.device("cpu"),
+                                        tta_hflip=True, tta_shift=2)
+    assert torch.allclose(tta, expected, atol=1e-5)
+    assert torch.allclose(plain, plain_expected, atol=1e-5)
+    assert not torch.allclose(tta, plain, atol=1e-3)
+
+
 def test_seconds_to_accuracy_counts_epochs_until_the_first_hit():
     history = [{"epoch_seconds": 10.0, "val_acc": 0.8}, {"epoch_seconds": 12.0, "val_acc": 0.93},
                {"epoch_seconds": 11.0, "val_acc": 0.95}]

@@ -177,8 +177,13 @@ class AugmentConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    # Test-time augmentation: average the logits of each test image and its mirror image.
-    tta_hflip: bool = False
+    """Test-time augmentation: the logits of each test image averaged over several views."""
+
+    tta_hflip: bool = False  # the image and its mirror image
+    tta_shift: int = 0  # also the image moved this many pixels up, down, left, right
+
+    def __post_init__(self) -> None:
+        _check(self.tta_shift >= 0, "evaluate.tta_shift", self.tta_shift, "an integer >= 0")
 
 
 @dataclass(frozen=True)

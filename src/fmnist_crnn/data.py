@@ -307,6 +307,17 @@ def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> to
     return padded[torch.arange(b)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
 
 
+def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Move (B, C, H, W) images ``dy`` pixels down and ``dx`` right (negative: up, left);
+    uncovered pixels are 0 (black), as in ``random_crop``."""
+    if dy == 0 and dx == 0:
+        return x
+    h, w = x.shape[-2:]
+    py, px = abs(dy), abs(dx)
+    padded = torch.nn.functional.pad(x, (px, px, py, py))
+    return padded[..., py - dy : py - dy + h, px - dx : px - dx + w]
+
+
 def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """With probability ``p`` per image, set a random rectangle to 0 (RandomErasing's ranges)."""
     b, _, h, w = x.shape

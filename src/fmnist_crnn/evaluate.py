@@ -22,46 +22,56 @@ from fmnist_crnn.files import atomic_write_json, atomic_write_text
 from fmnist_crnn.model import load_model, select_device
 
 
+def tta_views(hflip: bool, shift: int = 0) -> list[tuple[int, int, bool]]:
+    """The test-time views as (rows down, columns right, mirrored): the image itself first,
+    then its moves by ``shift`` pixels up, down, left and right; each with its mirror when
+    ``hflip``."""
+    moves = [(0, 0)] + ([(-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [])
+    return [(dy, dx, mirrored) for dy, dx in moves
+            for mirrored in ((False, True) if hflip else (False,))]
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
                    device: torch.device, desc: str | None = None,
-                   tta_hflip: bool = False) -> torch.Tensor:
+                   tta_hflip: bool = False, tta_shift: int = 0) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 images (N, 28, 28), in order.
 
-    ``tta_hflip``: test-time augmentation, the mean of the logits of each image and its mirror.
+    ``tta_hflip``, ``tta_shift``: test-time augmentation, the mean of the logits of each
+    image's views (``tta_views``).
     """
-    if tta_hflip:
-        return predict_logits_and_tta(model, images, batch_size, device, desc)[1]
-    return _predict(model, images, batch_size, device, desc, flip=False)[0]
+    return predict_logits_and_tta(model, images, batch_size, device, desc,
+                                  tta_hflip, tta_shift)[1]
 
 
 @torch.no_grad()
 def predict_logits_and_tta(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
                            device: torch.device, desc: str | None = None,
+                           tta_hflip: bool = True, tta_shift: int = 0,
                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The plain logits and the flip-TTA logits (the mean of each image's and its mirror's),
-    from one pass over the images: the one implementation of test-time flips."""
-    plain, mirrored = _predict(model, images, batch_size, device, desc, flip=True)
-    return plain, (plain + mirrored) / 2
-
-
-def _predict(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
-             device: torch.device, desc: str | None, flip: bool,
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The plain logits and the TTA logits (the mean over each image's views, the plain one
+    included), from one pass over the images: the one implementation of test-time views."""
+    views = tta_views(tta_hflip, tta_shift)
     model.eval()
-    plain, mirrored = [], []
+    plain, averaged = [], []
     stream = data.batches(images, torch.zeros(len(images), dtype=torch.long), batch_size)
     if desc is not None:
         stream = tqdm(stream, desc=desc, total=data.num_batches(len(images), batch_size),
                       unit="batch", dynamic_ncols=True)
     for x, _ in stream:
         x = x.to(device, non_blocking=True)
-        plain.append(model(x).float().cpu())
-        if flip:
-            mirrored.append(model(x.flip(-1)).float().cpu())
-    empty = torch.empty(0, model.cfg.num_classes)
-    return (torch.cat(plain) if plain else empty,
-            (torch.cat(mirrored) if mirrored else empty) if flip else None)
+        logits = [model(_view(x, *view)).float().cpu() for view in views]
+        plain.append(logits[0])
+        averaged.append(torch.stack(logits).mean(0) if len(logits) > 1 else logits[0])
+    if not plain:
+        empty = torch.empty(0, model.cfg.num_classes)
+        return empty, empty
+    return torch.cat(plain), torch.cat(averaged)
+
+
+def _view(x: torch.Tensor, dy: int, dx: int, mirrored: bool) -> torch.Tensor:
+    x = data.shift(x, dy, dx)
+    return x.flip(-1) if mirrored else x
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -107,21 +117,20 @@ def run_evaluation(
     tracking_cfg: TrackingConfig,
     device_name: str = "auto",
     tta_hflip: bool = False,
+    tta_shift: int = 0,
 ) -> dict[str, Any]:
     """The evaluate stage: the test set, once; metrics to files and to the training's run.
 
-    With ``tta_hflip`` the headline metrics use test-time flips; ``accuracy_without_tta`` (same
-    model, same pass over the test set) shows what they add.
+    With ``tta_hflip`` or ``tta_shift`` the headline metrics average test-time views;
+    ``accuracy_without_tta`` (same model, same pass over the test set) shows what they add.
     """
     device = select_device(device_name)
     model = load_model(model_path, device)
     images, labels = data.load_split(split_dir, "test")
-    if tta_hflip:
-        plain, logits = predict_logits_and_tta(model, images, batch_size, device, "Inference")
-    else:
-        logits = predict_logits(model, images, batch_size, device, desc="Inference")
+    plain, logits = predict_logits_and_tta(model, images, batch_size, device, "Inference",
+                                           tta_hflip, tta_shift)
     metrics = classification_metrics(logits, labels)
-    if tta_hflip:
+    if len(tta_views(tta_hflip, tta_shift)) > 1:
         metrics["accuracy_without_tta"] = accuracy(plain, labels)
     print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
     cm = confusion(logits, labels)

@@ -1,0 +1,101 @@
+"""Which test-time views help a trained model, measured on the validation split.
+
+Each view is a shift of the image by (dy, dx) pixels (uncovered pixels black, as the training
+crop pads) and optionally its mirror. The script computes every view's logits once per model,
+then scores fixed sets of views (the mean of their logits), per model and averaged over the
+models. It reads the validation split only, unless ``--split-name test`` is asked for: choose
+the views on validation, then look at test.
+
+    PYTHONPATH=src python benchmarks/tta_views.py --model a/model.pt --model b/model.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fmnist_crnn import data, train
+from fmnist_crnn.evaluate import accuracy
+from fmnist_crnn.model import load_model, select_device
+
+CROSS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]
+SQUARE = list(itertools.product((-1, 0, 1), repeat=2))
+# name -> (shifts, with mirrors)
+VIEW_SETS = {
+    "plain": ([(0, 0)], False),
+    "flip": ([(0, 0)], True),
+    "shift-cross": (CROSS, False),
+    "flip+shift-cross": (CROSS, True),
+    "flip+shift-square": (SQUARE, True),
+}
+
+
+@torch.no_grad()
+def view_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
+                device: torch.device, views: list[tuple[int, int, bool]],
+                ) -> dict[tuple[int, int, bool], torch.Tensor]:
+    model.eval()
+    out: dict[tuple[int, int, bool], list[torch.Tensor]] = {v: [] for v in views}
+    for x, _ in data.batches(images, torch.zeros(len(images), dtype=torch.long), batch_size):
+        x = x.to(device)
+        for dy, dx, flip in views:
+            v = data.shift(x, dy, dx)
+            out[(dy, dx, flip)].append(model(v.flip(-1) if flip else v).float().cpu())
+    return {v: torch.cat(chunks) for v, chunks in out.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", required=True, help="a trained model.pt")
+    parser.add_argument("--split", default="data/split", help="the split stage's output")
+    parser.add_argument("--split-name", default="val", choices=("val", "test"))
+    parser.add_argument("--batch-size", type=int, default=500)
+    parser.add_argument("--out", default="reports/bench/tta/views-val.json")
+    args = parser.parse_args(argv)
+
+    device = select_device("cpu")
+    images, labels = data.load_split(Path(args.split), args.split_name)
+    if not len(labels):
+        raise SystemExit(f"{args.split}/{args.split_name}.pt is empty: nothing to score")
+    views = sorted({(dy, dx, flip) for shifts, mirrored in VIEW_SETS.values()
+                    for dy, dx in shifts for flip in ((False, True) if mirrored else (False,))})
+    per_model = []
+    for path in args.model:
+        started = time.perf_counter()
+        logits = view_logits(load_model(path, device), images, 500, device, views)
+        scores = {}
+        for name, (shifts, mirrored) in VIEW_SETS.items():
+            chosen = [(dy, dx, f) for dy, dx in shifts
+                      for f in ((False, True) if mirrored else (False,))]
+            mean = torch.stack([logits[v] for v in chosen]).mean(0)
+            scores[name] = {"correct": round(accuracy(mean, labels) * len(labels)),
+                            "accuracy": accuracy(mean, labels), "views": len(chosen)}
+        seconds = time.perf_counter() - started
+        per_model.append({"model": path, "seconds": seconds, "scores": scores})
+        print(f"{path} ({seconds:.0f} s, {len(views)} views of {len(labels)} images)")
+        for name, s in scores.items():
+            print(f"  {name:>18}: {s['correct']} correct ({s['accuracy']:.4%}), "
+                  f"{s['views']} views", flush=True)
+    means = {name: sum(m["scores"][name]["accuracy"] for m in per_model) / len(per_model)
+             for name in VIEW_SETS}
+    print(f"mean over {len(per_model)} models:")
+    for name, acc in means.items():
+        print(f"  {name:>18}: {acc:.4%}")
+    result = {"split": args.split_name, "images": len(labels), "cpu": train.cpu_model(),
+              "view_sets": {k: {"shifts": v[0], "mirrored": v[1]} for k, v in VIEW_SETS.items()},
+              "models": per_model, "mean_accuracy": means}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
