@@ -82,6 +82,12 @@ def test_the_full_training_set_recipe_is_the_recipe_without_validation():
     assert study.ALL_VARIANTS["best"].overrides == study.RECIPES["best"]
 
 
+def test_the_headline_recipe_trains_as_best_bf16_and_scores_ten_views():
+    # `make best-seeds` retrains best-bf16's models: only the evaluate stage differs.
+    assert study.RECIPES["best-tta"] == {**study.RECIPES["best-bf16"], "evaluate.tta_shift": 1}
+    assert study.RECIPES["best-tta"]["evaluate.tta_hflip"] is True
+
+
 def test_a_ladder_study_scales_the_recipe_warmup_from_its_own_epochs():
     best = study.ALL_VARIANTS["best"]
     runs = study.run_overrides(best, 42, "ingredients-6ep", {"train.epochs": 6})
