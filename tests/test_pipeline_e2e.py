@@ -100,7 +100,7 @@ def test_outputs_metrics_and_report(pipeline):
     assert predictions[0] == "actual,predicted,confidence" and len(predictions) == 6001
     report = (repo / "reports/report.md").read_text()
     assert f"{test['accuracy']:.2%}" in report and "89.6%" in report
-    assert f"test accuracy without flip TTA | {test['accuracy_without_tta']:.2%}" in report
+    assert f"test accuracy without TTA | {test['accuracy_without_tta']:.2%}" in report
     assert (repo / "reports/report.html").read_text().startswith("<!DOCTYPE html>")
     for png in ("learning_curves.png", "confusion_matrix.png"):
         assert (repo / "reports/figures" / png).read_bytes()[:4] == b"\x89PNG"

@@ -115,6 +115,12 @@ def test_tta_runs_get_a_row_without_tta_just_above():
     # A ladder reads row by row: the step column is there, one cell per header cell.
     assert "Δ vs row above" in lines[0]
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
+    assert "+ flip TTA at test" in lines[-1]
+    # The change names what the runs' evaluate stage averaged.
+    ten = {"params": {"evaluate": {"tta_hflip": True, "tta_shift": 1}}}
+    assert study.comparison.tta_change(ten).endswith("mirrors of all five (10 views)")
+    lines, _ = study.comparison_table([{**r, **ten} for r in records])
+    assert "moves by 1 pixel up, down, left and right" in lines[-1]
 
 
 def test_comparison_is_rebuilt_from_records_and_names_missing_runs(tmp_path):

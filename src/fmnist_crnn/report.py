@@ -164,7 +164,7 @@ def _results_table(test: dict[str, Any], train_metrics: dict[str, Any],
            "not reached" if train_metrics.get(f"seconds_to_val_acc_{t}") is None
            else f"{train_metrics[f'seconds_to_val_acc_{t}']:.0f} s", ""]
           for t in (90, 93) if f"seconds_to_val_acc_{t}" in train_metrics],
-        *([["test accuracy without flip TTA", f"{test['accuracy_without_tta']:.2%}", ""]]
+        *([["test accuracy without TTA", f"{test['accuracy_without_tta']:.2%}", ""]]
           if "accuracy_without_tta" in test else []),
         ["parameters", f"{count_parameters(model):,}", ""],
     ])

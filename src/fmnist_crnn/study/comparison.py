@@ -63,6 +63,17 @@ def mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
     return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
 
 
+def tta_change(record: dict[str, Any]) -> str:
+    """What the run's evaluate stage averaged, from its recorded parameters."""
+    evaluate = (record.get("params") or {}).get("evaluate") or {}
+    shift, hflip = evaluate.get("tta_shift", 0), evaluate.get("tta_hflip", True)
+    if not shift:
+        return "flip TTA at test"
+    moved = f"its moves by {shift} pixel{'s' if shift > 1 else ''} up, down, left and right"
+    return (f"TTA at test: the image, {moved}"
+            + (", and the mirrors of all five (10 views)" if hflip else " (5 views)"))
+
+
 def _rows(records: list[dict[str, Any]]) -> dict[str, Row]:
     rows: dict[str, Row] = {}
     for record in records:
@@ -109,7 +120,7 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
         if name.endswith(" (no TTA)"):
             change += "; scored without TTA"
         elif row.values("test_accuracy_without_tta"):
-            change = "+ flip TTA at test (the models of the row above)"
+            change = f"+ {tta_change(row.runs[0])} (the models of the row above)"
         delta = (statistics.mean(acc) - statistics.mean(base_acc)) * 100 if base_acc else math.nan
         step = (statistics.mean(acc) - statistics.mean(previous)) * 100 if previous else math.nan
         is_base = name == "baseline" or not base_acc
