@@ -340,6 +340,27 @@ def test_waiting_retries_a_failed_collect_at_the_next_poll(monkeypatch):
     assert len(attempts) == 3
 
 
+def test_waiting_restarts_workers_only_when_none_is_seen_twice_and_nothing_runs(monkeypatch):
+    # A fresh worker can run its task before `dvc queue status` counts it: restarting then
+    # would put a second timed training beside the first (seen in sitting E).
+    from fmnist_crnn.study import queue
+
+    def status(workers, *states):
+        rows = [f"t{i}  s-v-{i}  10:00 PM  {state}" for i, state in enumerate(states)]
+        return "\n".join(["Task  Name  Created  Status", *rows, "",
+                          f"Worker status: {workers} active, 0 idle"])
+
+    rounds = iter([status(0, "Running", "Queued"), status(0, "Running", "Queued"),
+                   status(0, "Queued", "Queued"), status(0, "Queued", "Queued"),
+                   status(1, "Running", "Queued"), status(0, "Success", "Success")])
+    monkeypatch.setattr(queue, "dvc", lambda *args: next(rounds))
+    monkeypatch.setattr(queue.time, "sleep", lambda s: None)
+    started = []
+    monkeypatch.setattr(queue, "start_workers", started.append)
+    queue.wait(1, poll_s=0)
+    assert started == [1]  # once: after the second poll in a row with no worker and no run
+
+
 def test_queue_workers_start_without_a_captured_pipe(monkeypatch):
     # A worker `dvc queue start` leaves running inherits a captured stdout pipe and keeps it
     # open: the runner would block until the whole queue had run.

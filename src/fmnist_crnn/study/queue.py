@@ -71,11 +71,15 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
     ~13 s of CPU with a few dozen experiments: every minute, it would slow the timed runs).
 
     Workers can exit with tasks still queued (a `dvc queue stop` issued earlier reaches the
-    next workers too): then start them again. A failed ``on_finished`` is retried at the next
-    poll instead of ending the wait: while a worker creates or removes its temporary copy,
-    `dvc exp show` can fail on the half-made directory, and the queue runs on regardless.
+    next workers too): then start them again, but only when no task is running and two polls
+    in a row saw no worker: a worker just started can run its task before `dvc queue status`
+    counts it, and starting another then would run two timed trainings side by side. A
+    failed ``on_finished`` is retried at the next poll instead of ending the wait: while a
+    worker creates or removes its temporary copy, `dvc exp show` can fail on the half-made
+    directory, and the queue runs on regardless.
     """
     finished_before = None
+    idle_before = False
     while True:
         rows, workers = parse_status(dvc("queue", "status"))
         finished = sum(state in ("Success", "Failed") for _, state in rows)
@@ -88,9 +92,12 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
         active = [name for name, state in rows if state in ("Queued", "Running")]
         if not active:
             return
-        if workers == (0, 0):
+        idle = workers == (0, 0) and not any(state == "Running" for _, state in rows)
+        if idle and idle_before:
             print("no queue worker is left; starting them again")
             start_workers(jobs)
+            idle = False
+        idle_before = idle
         print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running",
               flush=True)
         time.sleep(poll_s)
