@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -112,3 +115,18 @@ def test_an_unknown_registered_model_is_one_line_and_exit_2(tmp_path, image, mon
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot load the model models:/no-such-model")
     assert err.count("\n") == 1
+
+
+def test_a_reader_that_stops_early_is_not_an_error(tmp_path, checkpoint):
+    # `python -m fmnist_crnn.predict FILE | head -3`: head closes the pipe after three lines;
+    # predict stops quietly instead of printing a BrokenPipeError traceback.
+    (tmp_path / "many").write_bytes(idx_bytes(np.zeros((5000, 28, 28), dtype=np.uint8)))
+    proc = subprocess.Popen([sys.executable, "-m", "fmnist_crnn.predict", "--checkpoint",
+                             str(checkpoint), str(tmp_path / "many")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    first = proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 0
+    assert first.startswith(f"{tmp_path / 'many'}[0]: ".encode())
+    assert "Traceback" not in err and "BrokenPipe" not in err, err

@@ -1,5 +1,7 @@
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -361,17 +363,27 @@ def test_waiting_restarts_workers_only_when_none_is_seen_twice_and_nothing_runs(
     assert started == [1]  # once: after the second poll in a row with no worker and no run
 
 
-def test_queue_workers_start_without_a_captured_pipe(monkeypatch):
-    # A worker `dvc queue start` leaves running inherits a captured stdout pipe and keeps it
-    # open: the runner would block until the whole queue had run.
-    from fmnist_crnn.study import queue
-
-    calls = []
-
-    def run(args, **kwargs):
-        calls.append(kwargs)
-        return subprocess.CompletedProcess(args, 0, "", "")
-
-    monkeypatch.setattr(queue.subprocess, "run", run)
-    queue.start_workers(2)
-    assert calls and not calls[0].get("capture_output")
+def test_queue_workers_start_without_holding_the_runners_output_open(tmp_path):
+    # `dvc queue start` leaves launchers running that inherit its stdout and stderr until
+    # their worker exits. Neither may be this program's output: a reader of the runner's
+    # output (`| tee`, a test capturing it) would wait until the last worker had gone.
+    fake_dvc = tmp_path / "dvc_fake.py"  # prints, then leaves a child holding fds 1 and 2
+    launcher = tmp_path / "launcher.pid"
+    fake_dvc.write_text(
+        "import subprocess, sys\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+        f"open({str(launcher)!r}, 'w').write(str(child.pid))\n"
+        "print('Started 2 new experiment task queue workers.')\n")
+    code = ("import sys; sys.path[:0] = {path!r}; import fmnist_crnn.study.queue as q, "
+            "subprocess; real = subprocess.run; "
+            "q.subprocess.run = lambda cmd, **kw: real([sys.executable, {fake!r}], **kw); "
+            "q.start_workers(2); print('runner done', flush=True)")
+    code = code.format(path=sys.path, fake=str(fake_dvc))
+    reader = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = reader.communicate(timeout=120)  # EOF once the runner exits, not in 600 s
+    finally:
+        os.kill(int(launcher.read_text()), signal.SIGKILL)
+    assert reader.returncode == 0
+    assert "Started 2 new experiment task queue workers." in out and "runner done" in out

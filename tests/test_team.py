@@ -125,8 +125,17 @@ def test_two_queued_experiments_run_in_parallel_and_both_land(team, pipeline_on_
     repo, env = pipeline_on_server
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
-    run([sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "team", "--variants",
-         "baseline", "dropout01", "--jobs", "2", "--epochs", "1", "--poll", "5"], repo, env)
+    study = [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "team", "--variants",
+             "baseline", "dropout01", "--jobs", "2", "--epochs", "1", "--poll", "5"]
+    try:  # ~2 minutes; the limit only turns a hang into a failure that shows the queue
+        proc = subprocess.run(study, cwd=repo, env=env, capture_output=True, text=True,
+                              timeout=1200)
+    except subprocess.TimeoutExpired as exc:
+        queue = subprocess.run([*DVC, "queue", "status"], cwd=repo, env=env,
+                               capture_output=True, text=True)
+        pytest.fail(f"the study runner did not end:\n{exc.stdout}\n{exc.stderr}\n"
+                    f"dvc queue status:\n{queue.stdout}{queue.stderr}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     mlflow.set_tracking_uri(team["url"])
     with pytest.MonkeyPatch.context() as mp:
         for key, value in client_env(team).items():

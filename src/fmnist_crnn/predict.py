@@ -11,6 +11,7 @@ their answer; the exit status is 1 when any file failed.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -100,9 +101,15 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         batch = np.stack([image for _, image in inputs])[:, None].astype(np.float32) / 255.0
         probabilities = predict(batch)
-        for (label, _), p in zip(inputs, probabilities, strict=True):
-            k = int(p.argmax())
-            print(f"{label}: {data.CLASS_NAMES[k]} ({p[k]:.1%})")
+        try:
+            for (label, _), p in zip(inputs, probabilities, strict=True):
+                k = int(p.argmax())
+                print(f"{label}: {data.CLASS_NAMES[k]} ({p[k]:.1%})")
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader stopped early (`| head -3`): not an error. Point stdout at devnull so
+            # that the interpreter's final flush does not raise again (Python's signal docs).
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1 if failed else 0
 
 

@@ -7,18 +7,25 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 
-def dvc(*args: str, capture: bool = True) -> str:
+def _dvc_env() -> dict[str, str]:
     # The dvc of this interpreter's environment, whatever PATH says; `dvc queue start` spawns
     # its workers as `dvc` from PATH, so put this environment's bin/ first there too.
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+def dvc(*args: str, capture: bool = True) -> str:
+    """Run ``dvc ARGS`` with this interpreter's DVC; returns its stdout when captured (else
+    its output goes where this program's goes)."""
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture,
-                          text=True, env=env)
+                          text=True, env=_dvc_env())
     if proc.returncode != 0:
         detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
         raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {detail}")
@@ -26,9 +33,23 @@ def dvc(*args: str, capture: bool = True) -> str:
 
 
 def start_workers(jobs: int) -> None:
-    # Not captured: the workers `dvc queue start` leaves running inherit its stdout, so a
-    # captured pipe would stay open and block this call until the whole queue has run.
-    dvc("queue", "start", "-j", str(jobs), capture=False)
+    """`dvc queue start -j JOBS`, its output printed once it returns.
+
+    The launchers it leaves behind inherit its stdout and stderr and hold them open until
+    their worker exits, so these go to a temporary file, never to a pipe: a pipe would block
+    this call, or whoever reads this program's output (``| tee``, a test capturing it), until
+    the last worker has gone.
+    """
+    args = ["queue", "start", "-j", str(jobs)]
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.run([sys.executable, "-m", "dvc", *args], stdin=subprocess.DEVNULL,
+                              stdout=log, stderr=subprocess.STDOUT, text=True, env=_dvc_env())
+        log.seek(0)
+        output = log.read().strip()
+    if proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): "
+                           f"{output[-2000:]}")
+    print(output, flush=True)
 
 
 STATES = ("Queued", "Running", "Success", "Failed")
