@@ -1,10 +1,10 @@
-"""What validating in bfloat16 would save and change: a trained model's validation split in
-float32 (what the train stage's per-epoch validation uses, ``train.amp`` or not) against the
-bfloat16 autocast of ``train.amp``'s training steps.
+"""What validating in bfloat16 saves and changes: a trained model's validation split in
+float32 (the train stage's per-epoch validation by default, ``train.amp`` or not) against the
+bfloat16 autocast of ``train.amp``'s training steps (``train.amp_validation``).
 
-Calls ``train.validate`` (the per-epoch validation of the train stage) without and within the
-autocast, alternating over a few rounds so that both see the same machine load, and prints
-seconds and correct predictions of each. A benchmark, not a test: read the seconds within one
+Calls ``train.validate`` (the per-epoch validation of the train stage) in both precisions,
+alternating over a few rounds so that both see the same machine load, and prints seconds and
+correct predictions of each. A benchmark, not a test: read the seconds within one
 run; the correct counts are deterministic on one machine.
 
     PYTHONPATH=src python benchmarks/validation_precision.py --model models/model.pt
@@ -48,8 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
     for number in range(1, args.rounds + 1):
         for name, dtype in PRECISIONS.items():
             started = time.perf_counter()
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                loss, acc = train.validate(model, val_data, args.batch_size, device)
+            loss, acc = train.validate(model, val_data, args.batch_size, device, dtype)
             seconds = time.perf_counter() - started
             correct = round(acc * len(val_data[1]))
             rounds.append({"round": number, "precision": name, "seconds": seconds,

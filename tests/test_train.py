@@ -269,8 +269,16 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
         # the recorded runs picked their epoch that way (docs/accuracy.md, sitting D).
         assert set(seen) == {(True, torch.bfloat16), (False, torch.float32)}
         again = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
+        seen.clear()
+        # train.amp_validation: the per-epoch validation under the autocast too, the same
+        # training (validation changes no weight, draws no random number).
+        fast_val = train.fit(SMALL, dataclasses.replace(base, amp=True, amp_validation=True),
+                             *splits, progress=False)
+        assert set(seen) == {(True, torch.bfloat16), (False, torch.bfloat16)}
     finally:
         hook.remove()
+    assert fast_val.history[0]["train_loss"] == mixed.history[0]["train_loss"]
+    assert fast_val.history[0]["val_loss"] != mixed.history[0]["val_loss"]
     assert all(p.dtype == torch.float32 for p in mixed.model.parameters())
     assert mixed.history[0]["train_loss"] != plain.history[0]["train_loss"]
     # bfloat16 is as repeatable as float32 on one machine: same seed, same weights.

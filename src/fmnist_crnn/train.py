@@ -238,8 +238,8 @@ def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
 def autocast_dtype(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
     """What ``train.amp`` computes the forward pass in: float16 on CUDA (with a GradScaler),
     bfloat16 on the CPU (float32's exponent range, so no scaler; 0.6-0.8x the epoch time of
-    float32 on a CPU with AVX-512 BF16, docs/accuracy.md). Weights, optimizer and validation
-    stay float32."""
+    float32 on a CPU with AVX-512 BF16, docs/accuracy.md). Weights and optimizer stay
+    float32; the per-epoch validation too unless ``train.amp_validation``."""
     if not cfg.amp:
         return None
     return torch.float16 if device.type == "cuda" else torch.bfloat16
@@ -289,9 +289,11 @@ def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfi
 
 
 def validate(model: torch.nn.Module, val_data: Dataset, batch_size: int,
-             device: torch.device) -> tuple[float, float]:
-    """Loss and accuracy of ``model`` on the whole validation split."""
-    logits = predict_logits(model, val_data[0], batch_size, device)
+             device: torch.device, amp_dtype: torch.dtype | None = None) -> tuple[float, float]:
+    """Loss and accuracy of ``model`` on the whole validation split, the forward passes in
+    ``amp_dtype`` under autocast when given (the logits are float32 either way)."""
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        logits = predict_logits(model, val_data[0], batch_size, device)
     return F.cross_entropy(logits, val_data[1]).item(), accuracy(logits, val_data[1])
 
 
@@ -346,8 +348,9 @@ def fit(
                                                 memory_format, ctx)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         if len(val_data[1]):
-            record["val_loss"], record["val_acc"] = validate(state.evaluated, val_data,
-                                                             cfg.batch_size, device)
+            record["val_loss"], record["val_acc"] = validate(
+                state.evaluated, val_data, cfg.batch_size, device,
+                autocast_dtype(cfg, device) if cfg.amp_validation else None)
         record.update(lr=state.optimizer.param_groups[0]["lr"],
                       epoch_seconds=time.perf_counter() - started)
         state.end_epoch(record)
