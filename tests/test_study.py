@@ -88,6 +88,9 @@ def test_the_headline_recipe_trains_as_best_bf16_and_scores_ten_views():
     # `make best-seeds` retrains best-bf16's models: only the evaluate stage differs.
     assert study.RECIPES["best-tta"] == {**study.RECIPES["best-bf16"], "evaluate.tta_shift": 1}
     assert study.RECIPES["best-tta"]["evaluate.tta_hflip"] is True
+    # make best: the same training, validated each epoch under the autocast.
+    assert study.RECIPES["best-bf16val"] == {**study.RECIPES["best-tta"],
+                                             "train.amp_validation": True}
 
 
 def test_a_ladder_study_scales_the_recipe_warmup_from_its_own_epochs():
