@@ -336,6 +336,7 @@ def fit(
     if resume is not None:
         state.load_state_dict(resume)
     start_epoch = state.epoch
+    val_dtype = autocast_dtype(cfg, device) if cfg.amp_validation else None
     show = progress and ctx.is_main
     epochs = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="Epochs", unit="epoch",
                   initial=start_epoch, total=cfg.epochs, disable=not show, dynamic_ncols=True)
@@ -348,9 +349,8 @@ def fit(
                                                 memory_format, ctx)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         if len(val_data[1]):
-            record["val_loss"], record["val_acc"] = validate(
-                state.evaluated, val_data, cfg.batch_size, device,
-                autocast_dtype(cfg, device) if cfg.amp_validation else None)
+            record["val_loss"], record["val_acc"] = validate(state.evaluated, val_data,
+                                                             cfg.batch_size, device, val_dtype)
         record.update(lr=state.optimizer.param_groups[0]["lr"],
                       epoch_seconds=time.perf_counter() - started)
         state.end_epoch(record)

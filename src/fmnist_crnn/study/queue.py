@@ -24,12 +24,21 @@ def _dvc_env() -> dict[str, str]:
 def dvc(*args: str, capture: bool = True) -> str:
     """Run ``dvc ARGS`` with this interpreter's DVC; returns its stdout when captured (else
     its output goes where this program's goes)."""
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], capture_output=capture,
-                          text=True, env=_dvc_env())
-    if proc.returncode != 0:
-        detail = (proc.stderr or proc.stdout or "").strip()[-2000:] if capture else ""
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): {detail}")
+    proc = _run(args, capture_output=capture)
+    _check(args, proc, (proc.stderr or proc.stdout or "") if capture else "")
     return proc.stdout if capture else ""
+
+
+def _run(args: Iterable[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dvc", *args], text=True, env=_dvc_env(),
+                          **kwargs)
+
+
+def _check(args: list[str] | tuple[str, ...], proc: subprocess.CompletedProcess,
+           output: str) -> None:
+    if proc.returncode != 0:
+        raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): "
+                           f"{output.strip()[-2000:]}")
 
 
 def start_workers(jobs: int) -> None:
@@ -42,14 +51,11 @@ def start_workers(jobs: int) -> None:
     """
     args = ["queue", "start", "-j", str(jobs)]
     with tempfile.TemporaryFile("w+") as log:
-        proc = subprocess.run([sys.executable, "-m", "dvc", *args], stdin=subprocess.DEVNULL,
-                              stdout=log, stderr=subprocess.STDOUT, text=True, env=_dvc_env())
+        proc = _run(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
         log.seek(0)
-        output = log.read().strip()
-    if proc.returncode != 0:
-        raise RuntimeError(f"`dvc {' '.join(args)}` failed ({proc.returncode}): "
-                           f"{output[-2000:]}")
-    print(output, flush=True)
+        output = log.read()
+    _check(args, proc, output)
+    print(output.strip(), flush=True)
 
 
 STATES = ("Queued", "Running", "Success", "Failed")
