@@ -174,3 +174,102 @@ def stranger_base_env() -> dict[str, str]:
     """This process's environment less tracking, DVC and project variables."""
     return {k: v for k, v in os.environ.items()
             if not k.startswith(("MLFLOW_", "DVC_", "FMNIST_", "AWS_"))}
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 180) -> None:
+    deadline = time.monotonic() + limit_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(log.read_text()[-4000:])
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except (urllib.error.URLError, OSError):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{url} did not answer") from None
+            time.sleep(0.5)
+
+
+class PlainMlflowServer:
+    """`mlflow server` on SQLite with proxied artifacts, on a fixed port, that a test can stop
+    and start again (the store and the artifacts survive, as on a restarted team server)."""
+
+    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+        self.workdir, self.env = workdir, env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        log_path = self.workdir / "mlflow-server.log"
+        with open(log_path, "a") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+                 f"sqlite:///{self.workdir / 'server.db'}", "--serve-artifacts",
+                 "--artifacts-destination", str(self.workdir / "server-artifacts"),
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
+                cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True)
+        wait_for_http(f"{self.url}/health", self.proc, log_path)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, 9)
+                self.proc.wait()
+        self.proc = None
+
+
+class DaskCluster:
+    """`dask scheduler` and `dask worker` processes on loopback, each worker with its own
+    environment (MLflow URI, work folder) as on separate machines."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.address = f"tcp://127.0.0.1:{self.port}"
+        self.procs: list[subprocess.Popen] = []
+        self.dask = str(Path(sys.executable).parent / "dask")
+
+    def _start(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen:
+        log = open(self.workdir / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+        proc = subprocess.Popen([self.dask, *args], cwd=self.workdir, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append(proc)
+        return proc
+
+    def start_scheduler(self, env: dict[str, str]) -> None:
+        self._start(["scheduler", "--host", "127.0.0.1", "--port", str(self.port),
+                     "--no-dashboard"], env, "scheduler")
+
+    def start_worker(self, env: dict[str, str], name: str) -> subprocess.Popen:
+        return self._start(["worker", self.address, "--nworkers", "1", "--nthreads", "1",
+                            "--name", name, "--host", "127.0.0.1", "--no-dashboard"],
+                           env, name)
+
+    def wait_for_workers(self, n: int, limit_s: float = 120) -> dict[str, int]:
+        """Worker address -> pid of its worker process, once ``n`` are connected."""
+        from distributed import Client
+
+        deadline = time.monotonic() + limit_s
+        with Client(self.address, timeout="60s") as client:
+            while len(client.scheduler_info()["workers"]) < n:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{n} dask workers did not connect")
+                time.sleep(0.5)
+            return client.run(os.getpid)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 15)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, 9)

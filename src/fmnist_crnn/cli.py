@@ -7,7 +7,7 @@ import sys
 from collections.abc import Callable
 
 from fmnist_crnn.config import SECTIONS, Params, load_params
-from fmnist_crnn.errors import ProjectError
+from fmnist_crnn.errors import ProjectError, Terminated
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -39,7 +39,8 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
         sections: tuple[str, ...]) -> None:
     """Parse arguments, load params and call ``main`` with the declared ``sections``.
 
-    Known errors exit 2 with one message naming the problem; Ctrl-C exits 130.
+    Known errors exit 2 with one message naming the problem; Ctrl-C exits 130, SIGTERM 143
+    (both after the tracked run has been ended KILLED).
     """
     args = p.parse_args()
     try:
@@ -49,6 +50,6 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
     except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("interrupted; completed outputs and checkpoints are kept", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, Terminated) else 130)

@@ -27,3 +27,8 @@ class TrainingError(ProjectError, RuntimeError):
 
 class TrackingError(ProjectError, RuntimeError):
     """The tracking store cannot be reached or does not hold the expected run."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a worker or a scheduler stopping the run): handled like Ctrl-C, so the
+    tracked run ends KILLED and the completed checkpoints are kept."""

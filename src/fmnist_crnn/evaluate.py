@@ -149,12 +149,9 @@ def run_evaluation(
             plots.confusion_figure(cm, list(data.CLASS_NAMES), title="test confusion matrix"),
             cm, list(data.CLASS_NAMES), "test")
         if tracking_cfg.registered_model_name and run_info.get("model_uri"):
-            version, promoted = tracking.register_and_promote(
+            tracking.register_and_promote(
                 run_info["model_uri"], tracking_cfg.registered_model_name,
                 tracking_cfg.champion_alias, metrics["accuracy"])
-            print(f"registered {tracking_cfg.registered_model_name} version {version}; "
-                  + (f"alias '{tracking_cfg.champion_alias}' moved to it" if promoted else
-                     f"alias '{tracking_cfg.champion_alias}' stays (a holder scores higher)"))
 
     confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
     # One row per test image, in order; DVC's confusion plot reads actual/predicted, the

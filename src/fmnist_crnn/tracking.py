@@ -4,18 +4,28 @@ The default store is SQLite in the repository root, addressed by an absolute URI
 queued experiments in temporary copies of the repository and sets ``DVC_ROOT`` to the parent
 repository, so their runs land in the same store as runs made in the workspace.
 ``MLFLOW_TRACKING_URI`` overrides the default, so a tracking server works unchanged.
+
+Once a run exists, its calls go through a journal on disk (``.mlflow-journal/`` in the
+repository, see fmnist_crnn.journal) and reach the store when it answers: training never
+waits for the tracking server. ``python -m fmnist_crnn.tracking sync`` sends what a stage
+that ended during an outage left waiting.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 import platform
 import random
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
-from fmnist_crnn.errors import TrackingError
+from fmnist_crnn.errors import Terminated, TrackingError
+from fmnist_crnn.journal import JOURNAL_DIR, Journal
 
 if TYPE_CHECKING:
     import torch
@@ -52,6 +63,18 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
 
 
+def use_store(uri: str) -> None:
+    """Point MLflow at ``uri`` (also exported to child processes as MLFLOW_TRACKING_URI)."""
+    import mlflow
+
+    if uri.startswith(("http://", "https://")):
+        # MLflow's defaults retry one call for minutes. A server that does not answer at the
+        # start should stop the stage at once; later, the journal retries by itself.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    mlflow.set_tracking_uri(uri)
+
+
 def configure(experiment_name: str) -> str:
     """Point MLflow at the store and return the experiment id, creating the experiment.
 
@@ -63,11 +86,7 @@ def configure(experiment_name: str) -> str:
 
     user_uri = os.environ.get("MLFLOW_TRACKING_URI")
     uri = user_uri or default_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        # MLflow's defaults retry for minutes; a server that does not answer should fail fast.
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    mlflow.set_tracking_uri(uri)  # also exports MLFLOW_TRACKING_URI to child processes
+    use_store(uri)  # also exports MLFLOW_TRACKING_URI to child processes
     experiment = _with_retries(uri, lambda: mlflow.get_experiment_by_name(experiment_name))
     if experiment is not None:
         return experiment.experiment_id
@@ -106,8 +125,11 @@ def _with_retries(uri: str, call: Any, attempts: int = 5) -> Any:
 
 
 def run_exists(run_id: str) -> bool:
+    """Whether the run is in this repository's journal or on the store."""
     import mlflow
 
+    if Journal.find(repo_root(), run_id) is not None:
+        return True
     try:
         mlflow.get_run(run_id)
     except mlflow.exceptions.MlflowException:
@@ -161,83 +183,241 @@ def run_tags(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return tags
 
 
+# --- A tracked run: every call goes to the run's journal first, then to MLflow ---------------
+#
+# Once a run has been created on the tracking store, nothing that follows needs the store to
+# answer: each call is written to the run's journal (fmnist_crnn.journal, in the repository
+# beside the stage's outputs) and a background thread sends it, in order, when the store
+# answers. A stage that ends while the store is away says so in one line; `python -m
+# fmnist_crnn.tracking sync` sends the rest later. Every call is idempotent when sent again
+# (metrics carry their own timestamps, which MLflow's store deduplicates; the model and the
+# registered version carry the journal entry they came from), so a crash between sending an
+# entry and writing down that it was sent cannot log it twice.
+
+JOURNAL_TAG = "fmnist.journal_entry"
+RETRY_S = 5.0  # seconds between sends while the store does not answer
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    run_id: str
+    experiment_id: str
+
+
+@dataclass(frozen=True)
+class TrackedRun:
+    info: RunInfo
+    journal: Journal
+
+
+_active: TrackedRun | None = None
+_sender: _Sender | None = None
+
+
+def _run() -> TrackedRun:
+    if _active is None:
+        raise RuntimeError("no tracked run is open: call inside tracking.start_run()")
+    return _active
+
+
+class _Sender:
+    """The thread that sends a journal's pending entries whenever there are some, retrying
+    every ``RETRY_S`` seconds while the store does not answer."""
+
+    def __init__(self, journal: Journal) -> None:
+        import logging
+
+        # urllib3 warns at every retry of every send while the server is away; the journal
+        # says once, at the end, what is waiting.
+        logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
+        self.journal = journal
+        self.error: Exception | None = None
+        self._wake = threading.Event()
+        self._closing = False
+        self._thread = threading.Thread(target=self._loop, name="mlflow-journal", daemon=True)
+        self._thread.start()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while True:
+            self._wake.wait(timeout=RETRY_S if self.error else None)
+            self._wake.clear()
+            closing = self._closing
+            try:
+                send_pending(self.journal)
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 (any failure: keep the entries, retry)
+                self.error = exc
+            if closing:
+                return
+
+    def close(self) -> None:
+        """One more send of whatever is pending (the end of the run among it); returns when
+        everything is sent or the store failed to answer once more."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join()
+
+
 @contextlib.contextmanager
 def start_run(experiment_name: str, run_id: str | None = None,
-              tags: Mapping[str, str] | None = None) -> Iterator[Any]:
-    """Start (or continue, given ``run_id``) a run; end it FAILED or KILLED on errors.
+              tags: Mapping[str, str] | None = None) -> Iterator[TrackedRun]:
+    """Create a run (or continue ``run_id``) and journal every call made inside; the run ends
+    FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error).
 
-    When launched by ``mlflow run``, MLFLOW_RUN_ID names the run to log into.
+    Creating a run needs the store to answer: a store that is down or refuses the credentials
+    stops the stage at once, naming it. Continuing a run whose journal is in this repository
+    (evaluate and report after train) does not: its calls wait in the journal. When launched
+    by ``mlflow run``, MLFLOW_RUN_ID names the run to log into.
     """
+    global _active
+    root = repo_root()
+    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
+    journal = Journal.find(root, run_id) if run_id else None
+    if journal is None:
+        journal = _open_on_store(root, experiment_name, run_id, tags)
+    else:
+        use_store(journal.meta["tracking_uri"])
+    if run_id is not None:  # continued: RUNNING again until this stage ends it
+        journal.append("status", status="RUNNING")
+        if tags:
+            journal.append("tags", tags={k: str(v) for k, v in tags.items()})
+    run = TrackedRun(RunInfo(journal.run_id, journal.meta["experiment_id"]), journal)
+    global _sender
+    sender = _sender = _Sender(journal)
+    _active = run
+    previous = _catch_sigterm()
+    status = "FINISHED"
+    try:
+        yield run
+    except KeyboardInterrupt:  # Ctrl-C, and SIGTERM (errors.Terminated)
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        _active = _sender = None
+        journal.append("end", status=status, end_time=_now_ms())
+        sender.close()
+        _restore_sigterm(previous)
+        pending = journal.pending()
+        if pending:
+            print(f"MLflow: {len(pending)} call(s) of run {journal.run_id} (ending "
+                  f"{status}) wait in {journal.folder}: {journal.meta['tracking_uri']} did not "
+                  f"answer ({_short(sender.error)}); send them with `python -m "
+                  "fmnist_crnn.tracking sync`", file=sys.stderr, flush=True)
+
+
+def _open_on_store(root: Path, experiment_name: str, run_id: str | None,
+                   tags: Mapping[str, str] | None) -> Journal:
+    """Create the run on the store (or find ``run_id`` there) and its journal."""
     import mlflow
 
     experiment_id = configure(experiment_name)
-    run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
-    if run_id is not None and not run_exists(run_id):
-        raise TrackingError(f"MLflow run {run_id} does not exist in {mlflow.get_tracking_uri()}; "
-                            "was the store deleted or MLFLOW_TRACKING_URI changed? Run "
-                            "`dvc repro -f train` to start a new run.")
-    tags = dict(run_tags() if run_id is None else {}, **(tags or {}))
-    run_name = os.environ.get("DVC_EXP_NAME") if run_id is None else None
-    run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id,
-                           run_name=run_name, tags=tags or None)
+    uri = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    if run_id is None:
+        from mlflow.tracking.context.registry import resolve_tags
+
+        all_tags = resolve_tags({**run_tags(), **(tags or {})})
+        run = _with_retries(uri, lambda: client.create_run(
+            experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), tags=all_tags))
+        return Journal.create(root, run.info.run_id, {"tracking_uri": uri,
+                                                      "experiment_id": experiment_id,
+                                                      "logged_params": {}})
     try:
-        yield run
-    except KeyboardInterrupt:
-        mlflow.end_run(status="KILLED")
-        raise
-    except BaseException:
-        mlflow.end_run(status="FAILED")
-        raise
-    mlflow.end_run()
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        raise TrackingError(f"MLflow run {run_id} does not exist in {uri}; was the store "
+                            "deleted or MLFLOW_TRACKING_URI changed? Run `dvc repro -f train` "
+                            "to start a new run.") from None
+    return Journal.create(root, run_id, {"tracking_uri": uri,
+                                         "experiment_id": run.info.experiment_id,
+                                         "logged_params": dict(run.data.params)})
+
+
+def _catch_sigterm() -> Any:
+    """Turn SIGTERM into errors.Terminated while a run is open (main thread only), so a run
+    stopped by a worker or a scheduler ends KILLED instead of staying RUNNING."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def terminated(signum: int, frame: Any) -> None:
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, terminated)
+
+
+def _restore_sigterm(previous: Any) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def _short(error: Exception | None) -> str:
+    if error is None:
+        return "no answer yet"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def _record(op: str, files: Mapping[str, Path] | None = None, **fields: Any) -> int:
+    run = _run()
+    seq = run.journal.append(op, files=dict(files or {}), **fields)
+    if _sender is not None:
+        _sender.notify()
+    return seq
 
 
 def log_params(flat: Mapping[str, Any]) -> None:
-    import mlflow
-
-    mlflow.log_params({key: _param_value(value) for key, value in flat.items()})
+    _record("params", params={key: _param_value(value) for key, value in flat.items()})
 
 
 def log_missing_params(flat: Mapping[str, Any]) -> None:
-    """Log the params the active run lacks. MLflow params cannot change: a value that differs
-    from the logged one (a later stage re-run with new settings) is recorded as a tag
-    ``changed.<key>`` instead."""
-    import mlflow
-
-    logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    """Log the params the run lacks. MLflow params cannot change: a value that differs from
+    the logged one (a later stage re-run with new settings) is recorded as a tag
+    ``changed.<key>`` instead. What is logged is known from the journal, without the store."""
+    logged = logged_params(_run().journal)
     values = {key: _param_value(value) for key, value in flat.items()}
-    mlflow.log_params({k: v for k, v in values.items() if k not in logged})
+    missing = {k: v for k, v in values.items() if k not in logged}
+    if missing:
+        _record("params", params=missing)
     changed = {f"changed.{k}": v for k, v in values.items() if k in logged and logged[k] != v}
     if changed:
-        mlflow.set_tags(changed)
+        _record("tags", tags=changed)
+
+
+def logged_params(journal: Journal) -> dict[str, str]:
+    logged = dict(journal.meta.get("logged_params") or {})
+    for entry in journal.entries():
+        if entry["op"] == "params":
+            logged.update(entry["params"])
+    return logged
 
 
 def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
-    import mlflow
-
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+    _record("metrics", metrics={k: float(v) for k, v in metrics.items()}, step=step or 0,
+            timestamp=_now_ms())
 
 
 def log_environment(info: Mapping[str, Any]) -> None:
-    import mlflow
-
     info = {"python": sys.version.split()[0], "platform": platform.platform(), **info}
-    mlflow.set_tags({f"env.{k}": str(v) for k, v in info.items()})
+    set_tags({f"env.{k}": v for k, v in info.items()})
 
 
 def set_tags(tags: Mapping[str, Any]) -> None:
-    import mlflow
-
-    mlflow.set_tags({k: str(v) for k, v in tags.items()})
+    _record("tags", tags={k: str(v) for k, v in tags.items()})
 
 
 def log_dataset(name: str, digest: str, source: str, context: str) -> None:
     """Record the data a run saw as an MLflow dataset input, identified by its digest."""
-    import mlflow
-    from mlflow.data.meta_dataset import MetaDataset
-    from mlflow.data.sources import LocalArtifactDatasetSource
-
-    dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
-    _with_retries(mlflow.get_tracking_uri(), lambda: mlflow.log_input(dataset, context=context))
+    _record("input", name=name, digest=digest[:36], source=source, context=context)
 
 
 def log_confusion_matrix(figure: Any, cm: np.ndarray, class_names: list[str],
@@ -245,23 +425,24 @@ def log_confusion_matrix(figure: Any, cm: np.ndarray, class_names: list[str],
     """The confusion matrix as ``figure`` (drawn by the caller) and as a table (actual x
     predicted counts)."""
     import matplotlib.pyplot as plt
-    import mlflow
 
-    mlflow.log_figure(figure, f"{prefix}/confusion_matrix.png")
-    plt.close(figure)
+    with tempfile.TemporaryDirectory() as tmp:
+        png = Path(tmp) / "confusion_matrix.png"
+        figure.savefig(png)
+        plt.close(figure)
+        _record("artifact", files={"file": png}, artifact_path=prefix)
     table = {"actual": [], "predicted": [], "count": []}
     for i, actual in enumerate(class_names):
         for j, predicted in enumerate(class_names):
             table["actual"].append(actual)
             table["predicted"].append(predicted)
             table["count"].append(int(cm[i, j]))
-    mlflow.log_table(table, f"{prefix}/confusion_matrix.json")
+    _record("table", data=table, artifact_file=f"{prefix}/confusion_matrix.json")
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:
-    import mlflow
+    _record("artifact", files={"file": Path(path)}, artifact_path=artifact_path)
 
-    mlflow.log_artifact(str(path), artifact_path=artifact_path)
 
 
 def check_served_input(x: torch.Tensor) -> None:
@@ -320,48 +501,154 @@ def set_served_model(load_weights: Callable[[str], torch.nn.Module]) -> None:
 def log_model(model: torch.nn.Module, checkpoint: Path, example: np.ndarray,
               name: str = "model") -> str:
     """Log the model file ``checkpoint`` (the weights of ``model``) as an MLflow pyfunc model
-    with its signature and an input example; return its URI."""
-    import mlflow
+    with its signature and an input example; return its URI (``runs:/<run>/<name>``, which
+    MLflow resolves to the logged model once the journal has sent it)."""
     import torch
-    from mlflow.models import infer_signature
 
     model = model.cpu().eval()
     with torch.no_grad():
         output = model(torch.from_numpy(example)).numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / "example.npy", example)
+        np.save(Path(tmp) / "output.npy", output)
+        _record("model", name=name, files={"checkpoint": Path(checkpoint),
+                                           "example": Path(tmp) / "example.npy",
+                                           "output": Path(tmp) / "output.npy"})
+    return f"runs:/{_run().info.run_id}/{name}"
+
+
+def register_and_promote(model_uri: str, name: str, alias: str, test_accuracy: float) -> None:
+    """Register the model as a new version of ``name``; move ``alias`` to it only when its
+    test accuracy beats the current holder's. Sent (and reported) by the journal."""
+    _record("register", model_uri=model_uri, name=name, alias=alias,
+            test_accuracy=test_accuracy)
+
+
+def send_pending(journal: Journal) -> int:
+    """Send the journal's pending entries in order; returns how many were sent. Raises what
+    the store raised, with every entry before the failing one marked as sent."""
+    import mlflow
+
+    sent = 0
+    with journal.sending():
+        client = mlflow.MlflowClient(journal.meta["tracking_uri"])
+        for entry in journal.pending():
+            result = _send(client, journal, entry)
+            journal.mark_sent(entry["seq"], result)
+            sent += 1
+    return sent
+
+
+def _send(client: Any, journal: Journal, entry: dict[str, Any]) -> Any:
+    from mlflow.entities import Metric, Param, RunTag
+
+    run_id, op = journal.run_id, entry["op"]
+    if op == "params":
+        items = [Param(k, v) for k, v in entry["params"].items()]
+        for i in range(0, len(items), 100):  # MLflow's limit per batch
+            client.log_batch(run_id, params=items[i:i + 100])
+    elif op == "metrics":
+        metrics = [Metric(k, v, entry["timestamp"], entry["step"])
+                   for k, v in entry["metrics"].items()]
+        client.log_batch(run_id, metrics=metrics)
+    elif op == "tags":
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in entry["tags"].items()])
+    elif op == "status":
+        client.update_run(run_id, status=entry["status"])
+    elif op == "end":
+        client.set_terminated(run_id, status=entry["status"], end_time=entry["end_time"])
+    elif op == "input":
+        _send_input(client, run_id, entry)
+    elif op == "artifact":
+        client.log_artifact(run_id, str(journal.path_of(entry, "file")),
+                            artifact_path=entry["artifact_path"])
+    elif op == "table":
+        client.log_table(run_id, data=entry["data"], artifact_file=entry["artifact_file"])
+    elif op == "model":
+        return _send_model(client, journal, entry)
+    elif op == "register":
+        return _send_registration(client, journal, entry)
+    else:
+        raise TrackingError(f"{journal.folder}: unknown journal entry {op!r}")
+    return None
+
+
+def _send_input(client: Any, run_id: str, entry: dict[str, Any]) -> None:
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = MetaDataset(LocalArtifactDatasetSource(entry["source"]), name=entry["name"],
+                          digest=entry["digest"])
+    client.log_inputs(run_id, datasets=[DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, entry["context"])])])
+
+
+def _send_model(client: Any, journal: Journal, entry: dict[str, Any]) -> str:
+    """Log the journal's copy of the model file as a pyfunc model of the run. A model already
+    made from this entry (a send cut short) is completed, not made twice."""
+    import mlflow
+    from mlflow.models import Model, infer_signature
+
+    run_id = journal.run_id
+    key = f"{run_id}/{entry['seq']}"
+    earlier = [m for m in client.search_logged_models(
+        experiment_ids=[journal.meta["experiment_id"]],
+        filter_string=f"source_run_id = '{run_id}'") if m.tags.get(JOURNAL_TAG) == key]
+    # Made here, in the run's experiment (Model.log would put it in the default one), so
+    # that runs:/<run>/model finds it.
+    model_id = earlier[0].model_id if earlier else client.create_logged_model(
+        journal.meta["experiment_id"], name=entry["name"], source_run_id=run_id,
+        tags={JOURNAL_TAG: key}).model_id
+    example = np.load(journal.path_of(entry, "example"))
+    output = np.load(journal.path_of(entry, "output"))
     package_dir = Path(__file__).resolve().parent
-    info = mlflow.pyfunc.log_model(
-        name=name,
+    use_store(journal.meta["tracking_uri"])  # Model.log uses the global URI
+    info = Model.log(
+        artifact_path=None, name=entry["name"], flavor=mlflow.pyfunc, run_id=run_id,
+        model_id=model_id,
         python_model=str(package_dir / SERVED_MODEL_SCRIPT),
-        artifacts={"checkpoint": str(checkpoint)},
-        signature=infer_signature(example, output),
-        input_example=example,
+        artifacts={"checkpoint": str(journal.path_of(entry, "checkpoint"))},
+        signature=infer_signature(example, output), input_example=example,
         # Listing requirements skips MLflow's slow import-tracing inference.
         pip_requirements=[f"{pkg}=={metadata.version(pkg)}"
                           for pkg in ("torch", "torchvision", "mlflow", "numpy")],
         # The model code is this package: ship it with the model.
-        code_paths=[str(package_dir)],
+        code_paths=[str(package_dir)], flavor_name="pyfunc.ModelFromCode",
     )
     return info.model_uri
 
 
-def register_and_promote(model_uri: str, name: str, alias: str,
-                         test_accuracy: float) -> tuple[str, bool]:
-    """Register the model as a new version of ``name``; move ``alias`` to it only when its
-    test accuracy beats the current holder's. Returns (version, promoted)."""
+def _send_registration(client: Any, journal: Journal, entry: dict[str, Any]) -> dict:
+    """Register the model as a version of the entry's name (once: a version made from this
+    entry is found again) and move the alias when the test accuracy beats the holder's."""
     import mlflow
 
-    client = mlflow.MlflowClient()
-    version = _with_retries(mlflow.get_tracking_uri(), lambda: mlflow.register_model(
-        model_uri, name, tags={"test_accuracy": f"{test_accuracy:.6f}"})).version
+    name, alias, accuracy_ = entry["name"], entry["alias"], entry["test_accuracy"]
+    key = f"{journal.run_id}/{entry['seq']}"
+    earlier = [v for v in client.search_model_versions(f"name = '{name}'")
+               if v.tags.get(JOURNAL_TAG) == key]
+    if earlier:
+        version = earlier[0].version
+    else:
+        version = _with_retries(journal.meta["tracking_uri"], lambda: mlflow.register_model(
+            entry["model_uri"], name,
+            tags={"test_accuracy": f"{accuracy_:.6f}", JOURNAL_TAG: key})).version
     try:
         holder = client.get_model_version_by_alias(name, alias)
         best = float(holder.tags.get("test_accuracy", "-inf"))
+        held = str(holder.version) == str(version)
     except mlflow.exceptions.MlflowException:  # no holder yet
-        best = float("-inf")
-    promoted = test_accuracy > best
-    if promoted:
+        best, held = float("-inf"), False
+    promoted = held or accuracy_ > best
+    if promoted and not held:
         client.set_registered_model_alias(name, alias, version)
-    return str(version), promoted
+    print(f"registered {name} version {version}; "
+          + (f"alias '{alias}' moved to it" if promoted else
+             f"alias '{alias}' stays (a holder scores higher)"), flush=True)
+    return {"version": str(version), "promoted": promoted}
+
 
 
 def _param_value(value: Any) -> str:
@@ -457,3 +744,44 @@ def load_pyfunc(model_uri: str) -> Any:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TrackingError(f"cannot load the model {model_uri} from {uri}: "
                             f"{first_line}") from None
+
+
+def sync(root: Path) -> int:
+    """Send every journal of ``root`` that has entries waiting; returns how many runs still
+    have some (0: everything is on the store)."""
+
+    left = 0
+    journals = [j for j in Journal.all(root) if j.pending()]
+    if not journals:
+        print(f"nothing to send: every journal in {root / JOURNAL_DIR} is sent")
+    for journal in journals:
+        uri = journal.meta["tracking_uri"]
+        use_store(uri)
+        waiting = len(journal.pending())
+        try:
+            sent = send_pending(journal)
+        except Exception as exc:  # noqa: BLE001 (report, keep the rest for the next sync)
+            left += 1
+            print(f"run {journal.run_id}: {len(journal.pending())} of {waiting} call(s) still "
+                  f"waiting: {uri} did not take them ({_short(exc)})", file=sys.stderr)
+            continue
+        ends = [e["status"] for e in journal.entries() if e["op"] == "end"]
+        print(f"run {journal.run_id}: sent {sent} call(s) to {uri}"
+              + (f"; the run is {ends[-1]}" if ends else ""))
+    return left
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fmnist_crnn.tracking",
+                                     description="Send the MLflow calls that wait in this "
+                                     "repository's journal (.mlflow-journal/) to their store.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cmd = sub.add_parser("sync", help="send every waiting call, in order, exactly once")
+    cmd.add_argument("--root", type=Path, default=None,
+                     help="the repository holding .mlflow-journal (default: this one)")
+    args = parser.parse_args(argv)
+    sys.exit(1 if sync(args.root or repo_root()) else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -364,6 +364,7 @@ def fit(
             atomic_torch_save({"fingerprint": fingerprint, "epochs": cfg.epochs,
                                "run_id": run_id, **state.state_dict()}, checkpoint_path)
         signal_after_epoch(epoch)
+        hold_after_epoch(epoch)
 
     distributed.check_same_weights(state.model, ctx)
     last_raw = copy.deepcopy(state.model) if state.ema is not None else None
@@ -390,6 +391,26 @@ def signal_after_epoch(epoch: int) -> None:
         # background inherits an ignored SIGINT and would never see the signal.
         raise KeyboardInterrupt
     os.kill(os.getpid(), getattr(signal, f"SIG{name}"))
+
+
+HOLD_DIR = "FMNIST_CRNN_HOLD_DIR"
+
+
+def hold_after_epoch(epoch: int) -> None:
+    """Fault injection for tests that act between two epochs (stop the tracking server, kill
+    a worker): with ``FMNIST_CRNN_HOLD_DIR=D``, a file ``D/hold-<run>-<epoch>`` (``<run>``:
+    DVC_EXP_NAME, else ``run``) makes the run write ``D/at-<run>-<epoch>`` (its pid) once that
+    epoch is logged and checkpointed, then wait until the hold file is removed."""
+    folder = os.environ.get(HOLD_DIR)
+    if not folder or not distributed.from_env().is_main:
+        return
+    name = f"{os.environ.get('DVC_EXP_NAME') or 'run'}-{epoch}"
+    hold = Path(folder) / f"hold-{name}"
+    if not hold.exists():
+        return
+    atomic_write_bytes(Path(folder) / f"at-{name}", str(os.getpid()).encode())
+    while hold.exists():
+        time.sleep(0.2)
 
 
 def environment_info(device: str) -> dict[str, Any]:

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from fmnist_crnn.study import catalog, comparison, queue, records
+from fmnist_crnn.errors import ProjectError
+from fmnist_crnn.study import catalog, cluster, comparison, queue, records
 
 
 def collect(study: str, out_dir: Path) -> list[str]:
@@ -36,6 +37,20 @@ def collect(study: str, out_dir: Path) -> list[str]:
     for name in written:
         print(f"recorded {name}", flush=True)
     return written
+
+
+def commit_record(study: str, name: str, paths: list[Path]) -> None:
+    """Commit a record (and the study's plan) as it lands: a stop loses no finished run."""
+    import subprocess
+
+    names = [str(p) for p in paths]
+    add = subprocess.run(["git", "add", "--", *names], capture_output=True, text=True)
+    done = add.returncode == 0 and subprocess.run(
+        ["git", "commit", "-q", "-m", f"study {study}: record {name}", "--", *names],
+        capture_output=True, text=True).returncode == 0
+    if not done:
+        print(f"warning: could not commit the record of {name}; it is written, commit it "
+              "yourself", file=sys.stderr)
 
 
 def run_study(args: argparse.Namespace) -> Path:
@@ -72,7 +87,18 @@ def run_study(args: argparse.Namespace) -> Path:
             for name, spec in plan.items() if name not in done]
     print(f"study {study}: {len(plan)} planned, {len(plan) - len(todo)} recorded, "
           f"{len(todo)} to run")
-    if todo:
+    if todo and args.scheduler:
+        def land(record: dict[str, Any]) -> None:
+            path = records.write_record(out_dir, study, record)
+            if path is not None:
+                print(f"recorded {record['name']} ({record['worker']['host']})", flush=True)
+                if args.commit:
+                    commit_record(study, record["name"], [path, records.plan_path(out_dir,
+                                                                                   study)])
+
+        cluster.run_on_cluster(args.scheduler, study, todo, land, Path.cwd(), args.git_remote,
+                               tracking.tracking_uri())
+    elif todo:
         queue.queue_runs(todo)
         queue.start_workers(args.jobs)
         queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir), poll_s=args.poll)
@@ -81,7 +107,9 @@ def run_study(args: argparse.Namespace) -> Path:
     missing = comparison.missing_runs({"runs": plan}, records.read_records(out_dir, study))
     if missing:
         raise RuntimeError(f"{len(missing)} run(s) have no result: {', '.join(missing)}; "
-                           "see `dvc queue logs <name>`, then run the same command again")
+                           + ("see the errors above" if args.scheduler else
+                              "see `dvc queue logs <name>`")
+                           + ", then run the same command again")
     return path
 
 
@@ -103,6 +131,13 @@ def main(argv: list[str] | None = None) -> None:
                      help="extra override for every run, e.g. train.num_threads=1")
     run.add_argument("--study", help="study id (default: study-<UTC time>)")
     run.add_argument("--out", default="reports/study")
+    run.add_argument("--scheduler", metavar="ADDRESS",
+                     help="a Dask scheduler (tcp://HOST:8786): each run is one task on its "
+                     "workers, in their own clones (docs/team.md); default: DVC's queue here")
+    run.add_argument("--git-remote", default="origin",
+                     help="the git remote workers clone from and push experiments to")
+    run.add_argument("--no-commit", dest="commit", action="store_false",
+                     help="with --scheduler: write records without committing them")
     run.add_argument("--poll", type=float, default=300.0,
                      help="seconds between queue checks (each `dvc queue status` costs ~1 s "
                           "of CPU beside the runs being timed)")
@@ -139,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
                 overrides = catalog.scale_to_epochs(variant.overrides, args.epochs)
                 print(f"{variant.name:12s} " + catalog.variant_command(
                     catalog.Variant(variant.name, "", overrides), extra))
-    except RuntimeError as exc:
+    except (RuntimeError, ProjectError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
 

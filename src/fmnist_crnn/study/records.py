@@ -28,8 +28,12 @@ def read_records(out_dir: Path, study: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in paths]
 
 
+def plan_path(out_dir: Path, study: str) -> Path:
+    return runs_dir(out_dir, study) / PLAN_FILE
+
+
 def read_plan(out_dir: Path, study: str) -> dict[str, Any]:
-    path = runs_dir(out_dir, study) / PLAN_FILE
+    path = plan_path(out_dir, study)
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
@@ -53,7 +57,7 @@ def collect_experiments(study: str, exp_show: list[dict[str, Any]]) -> list[dict
             finished = not node.get("error") and not (
                 node.get("name") and isinstance(data, dict) and data.get("rev") == "workspace")
             if isinstance(data, dict) and "params" in data and finished:
-                record = _record(node, data)
+                record = record_from_exp_show_node(node)
                 if record and record["study"] == study:
                     records.append(record)
             for value in node.values():
@@ -75,7 +79,10 @@ def collect_experiments(study: str, exp_show: list[dict[str, Any]]) -> list[dict
     return sorted(unique.values(), key=lambda r: r["name"])
 
 
-def _record(node: dict[str, Any], data: dict[str, Any]) -> dict[str, Any] | None:
+def record_from_exp_show_node(node: dict[str, Any]) -> dict[str, Any] | None:
+    """One experiment of ``dvc exp show --json`` as a record (without its history), or None
+    when it is not a finished run of a study."""
+    data = node.get("data") or {}
     params = (data.get("params") or {}).get("params.yaml", {}).get("data") or {}
     tracking_params = params.get("tracking") or {}
     metrics = data.get("metrics") or {}
@@ -124,3 +131,12 @@ def record_new(study: str, out_dir: Path, exp_show: list[dict[str, Any]],
         atomic_write_json(path, record)
         written.append(record["name"])
     return written
+
+
+def write_record(out_dir: Path, study: str, record: dict[str, Any]) -> Path | None:
+    """Write a record that arrived whole (from a Dask worker); None when the run has one."""
+    path = runs_dir(out_dir, study) / f"{record['name']}.json"
+    if path.exists():
+        return None
+    atomic_write_json(path, record)
+    return path

@@ -1,0 +1,280 @@
+"""No run lost to a fault, with the real components on loopback: an `mlflow server` process
+that the tests stop and start again, a `dask scheduler` with two `dask worker` processes (each
+with its own work folder, as on two machines), a bare git remote and a local-folder DVC remote.
+
+The tests act between two epochs through the train stage's hold files
+(FMNIST_CRNN_HOLD_DIR, train.hold_after_epoch), never by racing a timer.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import psutil
+import pytest
+
+from . import services
+from .conftest import DVC
+from .test_pipeline_e2e import make_repo, run
+
+pytestmark = pytest.mark.slow
+EXPERIMENT = "fashion-mnist-crnn"
+SLICE = {"split": {"limit": 3000}, "train": {"epochs": 2}}
+
+
+def wait_for(path: Path, proc: subprocess.Popen | None = None, limit_s: float = 600) -> None:
+    deadline = time.monotonic() + limit_s
+    while not path.exists():
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"the process ended ({proc.returncode}) before {path.name}:\n"
+                                 f"{out[-4000:]}")
+        assert time.monotonic() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def runs_of(url: str, filter_string: str = "") -> list:
+    client = mlflow.MlflowClient(url)
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    return client.search_runs([experiment.experiment_id], filter_string=filter_string,
+                              max_results=1000)
+
+
+def steps(url: str, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in mlflow.MlflowClient(url).get_metric_history(run_id, key))
+
+
+def pending_calls(repo: Path) -> int:
+    from fmnist_crnn.journal import Journal
+
+    return sum(len(j.pending()) for j in Journal.all(repo))
+
+
+@pytest.fixture()
+def server(tmp_path):
+    srv = services.PlainMlflowServer(tmp_path, services.stranger_base_env())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture()
+def tracked_repo(tmp_path_factory, server, tmp_path):
+    holds = tmp_path / "holds"
+    holds.mkdir()
+    repo, env = make_repo(tmp_path_factory, {"split": {"limit": 3000}, "train": {"epochs": 4}},
+                          extra_env={"MLFLOW_TRACKING_URI": server.url,
+                                     "FMNIST_CRNN_HOLD_DIR": str(holds)}, name="outage")
+    return repo, env, holds
+
+
+def start_exp(repo, env, name) -> subprocess.Popen:
+    return subprocess.Popen([*DVC, "exp", "run", "-n", name], cwd=repo, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def assert_complete_run(url: str, run_id: str, epochs: int) -> None:
+    """FINISHED, every epoch's metrics exactly once, the artifacts, the model, the version."""
+    client = mlflow.MlflowClient(url)
+    logged = client.get_run(run_id)
+    assert logged.info.status == "FINISHED"
+    for key in ("val_acc", "train_loss", "epoch_seconds"):
+        assert steps(url, run_id, key) == list(range(1, epochs + 1)), key
+    assert {"test_accuracy", "best_val_acc", "train_seconds"} <= set(logged.data.metrics)
+    assert logged.data.params["train.epochs"] == str(epochs)
+    assert "report.mistakes" in logged.data.params  # the report stage's params joined
+    artifacts = {a.path for a in client.list_artifacts(run_id, "val")} | {
+        a.path for a in client.list_artifacts(run_id, "test")}
+    assert {"val/confusion_matrix.png", "test/confusion_matrix.json"} <= artifacts
+    models = client.search_logged_models([logged.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run_id}'")
+    assert len(models) == 1
+    versions = client.search_model_versions(f"name = '{EXPERIMENT}'")
+    assert [v.run_id for v in versions].count(run_id) == 1
+    loaded = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert loaded.metadata.get_input_schema().inputs[0].shape == (-1, 1, 28, 28)
+
+
+def test_server_stopped_mid_run_and_back_before_the_end_loses_nothing(server, tracked_repo):
+    repo, env, holds = tracked_repo
+    (holds / "hold-srv-1").touch()
+    (holds / "hold-srv-3").touch()
+    proc = start_exp(repo, env, "srv")
+    wait_for(holds / "at-srv-1", proc)
+    server.stop()
+    (holds / "hold-srv-1").unlink()
+    wait_for(holds / "at-srv-3", proc)  # epochs 2 and 3 trained with the server away
+    assert pending_calls(repo) > 0
+    server.start()
+    (holds / "hold-srv-3").unlink()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "Traceback" not in out and "wait in" not in out
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    assert pending_calls(repo) == 0
+    mlflow.set_tracking_uri(server.url)
+    assert_complete_run(server.url, run_id, epochs=4)
+
+
+def test_server_down_until_after_the_run_then_sync_completes_it(server, tracked_repo):
+    repo, env, holds = tracked_repo
+    (holds / "hold-down-1").touch()
+    proc = start_exp(repo, env, "down")
+    wait_for(holds / "at-down-1", proc)
+    server.stop()
+    (holds / "hold-down-1").unlink()
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    # The DVC outputs are all there, and one line per stage says what waits and what to run.
+    assert json.loads((repo / "metrics/test.json").read_text())["accuracy"] > 0.5
+    waiting = [line for line in out.splitlines() if "python -m fmnist_crnn.tracking sync" in line]
+    assert waiting and all(line.startswith("MLflow: ") for line in waiting), out[-3000:]
+    assert "Traceback" not in out
+    assert pending_calls(repo) > 0
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+
+    # Still down: sync says so, keeps everything, exits 1.
+    sync = [sys.executable, "-m", "fmnist_crnn.tracking", "sync"]
+    proc = subprocess.run(sync, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 1 and "still waiting" in proc.stderr
+    server.start()
+    proc = subprocess.run(sync, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"run {run_id}: sent" in proc.stdout and "the run is FINISHED" in proc.stdout
+    assert pending_calls(repo) == 0
+    mlflow.set_tracking_uri(server.url)
+    assert_complete_run(server.url, run_id, epochs=4)
+    # Again: nothing left to send, nothing sent twice.
+    proc = subprocess.run(sync, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0 and "nothing to send" in proc.stdout
+    assert_complete_run(server.url, run_id, epochs=4)
+
+
+def test_a_run_stopped_by_sigterm_ends_killed_not_running(server, tracked_repo):
+    repo, env, holds = tracked_repo
+    (holds / "hold-term-2").touch()
+    proc = start_exp(repo, env, "term")
+    wait_for(holds / "at-term-2", proc)
+    stage = int((holds / "at-term-2").read_text())
+    os.kill(stage, signal.SIGTERM)
+    (holds / "hold-term-2").unlink()
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    [killed] = runs_of(server.url, "attributes.run_name = 'term'")
+    assert killed.info.status == "KILLED", out[-3000:]
+    assert steps(server.url, killed.info.run_id, "val_acc") == [1, 2]
+
+
+# --- the study over Dask workers ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    """mlflow server + dask scheduler + 2 workers + a bare git remote + a DVC remote."""
+    workdir = tmp_path_factory.mktemp("cluster")
+    srv = services.PlainMlflowServer(workdir, services.stranger_base_env())
+    srv.start()
+    holds = workdir / "holds"
+    holds.mkdir()
+    repo, env = make_repo(tmp_path_factory, SLICE, extra_env={"MLFLOW_TRACKING_URI": srv.url},
+                          name="head")
+    remote = workdir / "remote.git"
+    run(["git", "init", "-q", "--bare", str(remote)], workdir, env)
+    run(["git", "remote", "add", "origin", str(remote)], repo, env)
+    run([*DVC, "remote", "add", "-d", "store", str(workdir / "dvc-store")], repo, env)
+    run(["git", "commit", "-qam", "remotes"], repo, env)
+    run(["git", "push", "-q", "origin", "HEAD"], repo, env)
+    cluster = services.DaskCluster(workdir)
+    worker_env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
+                  "FMNIST_CRNN_HOLD_DIR": str(holds)}
+    try:
+        cluster.start_scheduler(worker_env)
+        for name in ("w1", "w2"):
+            cluster.start_worker({**worker_env, "FMNIST_STUDY_WORKDIR": str(workdir / name)},
+                                 name)
+        cluster.wait_for_workers(2)
+        yield {"repo": repo, "env": env, "remote": remote, "cluster": cluster,
+               "server": srv, "holds": holds, "workdir": workdir}
+    finally:
+        cluster.stop()
+        srv.stop()
+
+
+def study_command(team, study):
+    return [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", study, "--variants",
+            "baseline", "dropout01", "--seeds", "2", "--epochs", "2",
+            "--scheduler", team["cluster"].address]
+
+
+def assert_study_landed(team, study):
+    """4 records (committed), 4 experiments on the git remote, one FINISHED MLflow run per
+    name and none left RUNNING."""
+    repo = team["repo"]
+    names = {f"{study}-{v}-s{s}" for v in ("baseline", "dropout01") for s in (42, 43)}
+    folder = repo / "reports/study/runs" / study
+    recorded = {p.stem for p in folder.glob("*.json") if p.name != "plan.json"}
+    assert recorded == names
+    log = run(["git", "log", "--format=%s"], repo, team["env"])
+    assert sorted(line.split()[-1] for line in log.splitlines()
+                  if line.startswith(f"study {study}: record")) == sorted(names)
+    refs = run(["git", "ls-remote", str(team["remote"]), "refs/exps/*"], repo, team["env"])
+    assert {line.rsplit("/", 1)[-1] for line in refs.splitlines()} >= names
+    runs = runs_of(team["server"].url, f"tags.study = '{study}'")
+    finished = sorted(r.data.tags["dvc_exp_name"] for r in runs if r.info.status == "FINISHED")
+    assert finished == sorted(names)
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    return [json.loads((folder / f"{n}.json").read_text()) for n in sorted(names)], runs
+
+
+def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
+    proc = subprocess.run(study_command(team, "spread"), cwd=team["repo"], env=team["env"],
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records, runs = assert_study_landed(team, "spread")
+    assert {r["worker"]["name"] for r in records} == {"w1", "w2"}
+    assert all(r["test_accuracy"] > 0.5 and len(r["history"]["val_acc"]) == 2 for r in records)
+    assert len(runs) == 4
+    # The experiments' outputs went to the DVC remote: a clone can pull one.
+    assert any((team["workdir"] / "dvc-store").rglob("*"))
+    # Run again: everything is recorded, nothing is submitted.
+    again = subprocess.run(study_command(team, "spread"), cwd=team["repo"], env=team["env"],
+                           capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "4 recorded, 0 to run" in again.stdout
+
+
+def test_a_worker_killed_mid_run_loses_nothing_and_leaves_no_process(team):
+    holds, victim = team["holds"], "kill-baseline-s42"
+    (holds / f"hold-{victim}-1").touch()
+    runner = subprocess.Popen(study_command(team, "kill"), cwd=team["repo"], env=team["env"],
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(holds / f"at-{victim}-1", runner)
+    stage = psutil.Process(int((holds / f"at-{victim}-1").read_text()))
+    group = os.getpgid(stage.pid)
+    workers = set(team["cluster"].wait_for_workers(2).values())
+    [worker] = [p for p in stage.parents() if p.pid in workers]
+    attempt = [p for p in psutil.process_iter() if _in_group(p, group)]
+    assert len(attempt) >= 2  # dvc exp run and the train stage at least
+    worker.kill()  # SIGKILL: no clean-up of its own
+    (holds / f"hold-{victim}-1").unlink()
+    deadline = time.monotonic() + 90
+    while [p for p in attempt if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < deadline, "a process of the killed attempt kept running"
+        time.sleep(0.5)
+    out, _ = runner.communicate(timeout=1800)
+    assert runner.returncode == 0, out[-4000:]
+    records, runs = assert_study_landed(team, "kill")
+    victims = [r for r in runs if r.data.tags["dvc_exp_name"] == victim]
+    # The killed attempt's run ended KILLED, or the retry resumed it from its checkpoint.
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in victims)
+    assert len(victims) in (1, 2)
+
+
+def _in_group(proc: psutil.Process, group: int) -> bool:
+    try:
+        return os.getpgid(proc.pid) == group
+    except (ProcessLookupError, PermissionError):
+        return False
