@@ -8,6 +8,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
 .PHONY: setup data-source repro verify test test-fast lint server ui lock study study-quick \
+	scheduler worker bench-cluster \
 	best best-seeds fast ingredients bench bench-workers bench-ddp profile fast-seeds best-all-seeds \
 	best-fp32-seeds best-bf16-seeds best-tta-seeds
 
@@ -21,8 +22,11 @@ SEEDS ?= 3
 JOBS ?= 2
 THREADS ?= 1
 VARIANTS ?=
+# SCHEDULER=tcp://HOST:8786: each run is a task on that Dask scheduler's workers, each in its
+# own clone, instead of DVC's queue here (docs/team.md, "The study on many machines").
+SCHEDULER ?=
 STUDY_ARGS = --study $(STUDY) --seeds $(SEEDS) --jobs $(JOBS) --set train.num_threads=$(THREADS) \
-	$(if $(VARIANTS),--variants $(VARIANTS),)
+	$(if $(VARIANTS),--variants $(VARIANTS),) $(if $(SCHEDULER),--scheduler $(SCHEDULER),)
 
 setup: $(STAMP) data-source
 
@@ -81,6 +85,15 @@ ui: setup
 
 study: setup
 	$(BIN)/python -m fmnist_crnn.study run $(STUDY_ARGS)
+
+# The Dask side of `make study SCHEDULER=...`: the scheduler on the head machine, one worker
+# (one run at a time, one thread) on each other machine, from this checkout's environment.
+scheduler: setup
+	$(BIN)/dask scheduler --port 8786
+
+worker: setup
+	@test -n "$(SCHEDULER)" || { echo "error: say which scheduler: make worker SCHEDULER=tcp://HOST:8786" >&2; exit 2; }
+	$(BIN)/dask worker $(SCHEDULER) --nworkers 1 --nthreads 1
 
 # Cheap mode: 1 seed, 2 epochs on the first 6,000 training and test images.
 study-quick: setup

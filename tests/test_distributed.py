@@ -1,13 +1,19 @@
 """Training as several processes: torchrun + DistributedDataParallel (gloo on CPU)."""
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import mlflow
 import pytest
 import torch
 
 from fmnist_crnn import data, distributed
+from fmnist_crnn.config import SplitConfig
 
+from .conftest import REPO, idx_bytes, synthetic_arrays
 from .test_reliability import (
     TRAIN_ARGS,
     stage,
@@ -86,3 +92,43 @@ def test_two_processes_train_one_model_log_one_run_and_resume_after_a_kill(
     a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(broken / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)  # as if never interrupted
+
+
+def documented_torchrun_command() -> str:
+    """The multi-machine command of docs/team.md, as written there."""
+    text = (REPO / "docs" / "team.md").read_text()
+    block = text[text.index("torchrun --nnodes"):]
+    block = block[:block.index("```")]
+    return " ".join(line.rstrip("\\").strip() for line in block.splitlines() if line.strip())
+
+
+@pytest.mark.slow
+def test_the_documented_multi_machine_torchrun_command_trains_on_two_nodes(tmp_path):
+    from .services import free_port
+    from .test_reliability import write_params
+
+    folder = tmp_path / "node"
+    raw = folder / "data" / "raw"
+    raw.mkdir(parents=True)
+    (folder / ".dvc").mkdir()
+    for file, array in synthetic_arrays(n_train=600, n_test=40).items():
+        (raw / file).write_bytes(idx_bytes(array))
+    data.make_split(raw, folder / "data" / "split", SplitConfig(val_fraction=0.2))
+    write_params(folder, **{"train.epochs": 1, "train.batch_size": 8,
+                            "tracking.log_model": False})
+    (folder / "stages").symlink_to(REPO / "stages")
+    command = documented_torchrun_command()
+    assert "--nnodes 2" in command and "head-node:29400" in command
+    # Two "machines" on loopback, one process each.
+    command = command.replace("head-node:29400", f"127.0.0.1:{free_port()}").replace(
+        "--nproc-per-node 4", "--nproc-per-node 1")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = {k: v for k, v in env.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    nodes = [subprocess.Popen(["bash", "-c", command], cwd=folder, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert json.loads((folder / "metrics/train.json").read_text())["epochs"] == 1
+    assert "weights identical on all 2 processes" in "".join(outs)

@@ -35,3 +35,25 @@ def test_a_plain_postgresql_uri_is_refused_with_the_fix(tmp_path):
     env = {**ENV, "MLFLOW_BACKEND_STORE_URI": "postgresql://u:p@db/mlflow"}
     with pytest.raises(server.ServerConfigError, match=r"postgresql\+psycopg2://"):
         server.server_command(env, "127.0.0.1", 5000, 2, tmp_path)
+
+
+def test_a_short_admin_password_is_refused_up_front_with_the_rule(tmp_path):
+    env = {**ENV, "MLFLOW_AUTH_ADMIN_PASSWORD": "short-pw"}
+    with pytest.raises(server.ServerConfigError, match="has 8 characters.*at least 12"):
+        server.server_command(env, "127.0.0.1", 5000, 2, tmp_path)
+    assert not (tmp_path / "basic_auth.ini").exists()  # nothing written
+
+
+def test_allowed_hosts_and_origins_come_from_the_environment(tmp_path):
+    env = {**ENV, "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow-host:5000, mlflow-host",
+           "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "http://mlflow-host:5000"}
+    command, _ = server.server_command(env, "0.0.0.0", 5000, 2, tmp_path)  # noqa: S104
+    hosts = command[command.index("--allowed-hosts") + 1].split(",")
+    assert hosts[:2] == ["mlflow-host:5000", "mlflow-host"] and "127.0.0.1:*" in hosts
+    assert command[command.index("--cors-allowed-origins") + 1] == "http://mlflow-host:5000"
+
+
+def test_a_public_bind_without_allowed_hosts_says_what_clients_will_meet(tmp_path, capsys):
+    command, _ = server.server_command(ENV, "0.0.0.0", 5000, 2, tmp_path)  # noqa: S104
+    assert "--allowed-hosts" not in command
+    assert "MLFLOW_SERVER_ALLOWED_HOSTS" in capsys.readouterr().err

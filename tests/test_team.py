@@ -35,7 +35,9 @@ def team(tmp_path_factory):
                "MLFLOW_S3_ENDPOINT_URL": s3,
                "MLFLOW_AUTH_ADMIN_USERNAME": ADMIN[0],
                "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN[1],
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key"}
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+               # As docs/team.md: the name clients use for the server machine.
+               "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow-host:*"}
         with services.mlflow_server(env, workdir) as url:
             yield {"url": url, "s3": s3, "workdir": workdir}
 
@@ -46,11 +48,14 @@ def client_env(team, user=ADMIN):
             "MLFLOW_TRACKING_PASSWORD": user[1]}
 
 
-def rest(team, path, user=None, body=None):
-    """GET (or POST ``body``) on the REST API; returns (status, JSON)."""
+def rest(team, path, user=None, body=None, host=None):
+    """GET (or POST ``body``) on the REST API, with another Host header if given; returns
+    (status, JSON)."""
     request = urllib.request.Request(f"{team['url']}{path}",
                                      data=json.dumps(body).encode() if body else None,
                                      headers={"Content-Type": "application/json"})
+    if host:
+        request.add_header("Host", host)
     if user:
         token = base64.b64encode(f"{user[0]}:{user[1]}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
@@ -95,6 +100,14 @@ def test_predict_and_the_registry_work_unchanged_against_the_server(team, pipeli
     out = run([sys.executable, "-m", "fmnist_crnn.predict", "--model-uri",
                f"models:/{EXPERIMENT}@champion", "data/raw/t10k-images-idx3-ubyte"], repo, env)
     assert out.count("data/raw/t10k-images-idx3-ubyte[") == 10000  # every test image
+
+
+def test_the_server_answers_the_host_name_it_was_given_and_refuses_others(team):
+    port = team["url"].rsplit(":", 1)[1]
+    path = f"/api/2.0/mlflow/experiments/get-by-name?experiment_name={EXPERIMENT}"
+    assert rest(team, path, ADMIN, host=f"mlflow-host:{port}")[0] in (200, 404)
+    assert rest(team, path, ADMIN, host=f"other-host:{port}")[0] == 403
+    assert rest(team, path, ADMIN)[0] in (200, 404)  # 127.0.0.1: always allowed
 
 
 def test_no_credentials_401_no_permission_403_granted_200(team, pipeline_on_server):

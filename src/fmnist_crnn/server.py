@@ -12,6 +12,11 @@ S3-compatible bucket) and the ``basic-auth`` app. Secrets come from the environm
     MLFLOW_AUTH_ADMIN_USERNAME      the first administrator (default admin)
     MLFLOW_AUTH_ADMIN_PASSWORD      its password, read on the first start only
     MLFLOW_FLASK_SERVER_SECRET_KEY  signs the UI's sessions and CSRF tokens
+    MLFLOW_SERVER_ALLOWED_HOSTS     the Host headers clients send (``mlflow-host:5000``): MLflow
+                                    refuses other names with 403 "Invalid Host header" (it
+                                    accepts localhost and private IPs by default; this machine's
+                                    loopback names are always added)
+    MLFLOW_SERVER_CORS_ALLOWED_ORIGINS  the UI's origins (``http://mlflow-host:5000``)
 
 The default permission is NO_PERMISSIONS: a user reads and writes only the experiments the
 creator or an administrator granted (``python -m fmnist_crnn.server grant``); the creator of an
@@ -29,6 +34,8 @@ from urllib.parse import urlsplit, urlunsplit
 REQUIRED = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
             "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 DEFAULT_PERMISSION = "NO_PERMISSIONS"
+MIN_ADMIN_PASSWORD = 12  # MLflow's basic-auth app refuses to start with a shorter one
+LOOPBACK_HOSTS = ("localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[::1]", "[::1]:*")
 
 
 class ServerConfigError(RuntimeError):
@@ -64,6 +71,10 @@ def server_command(env: dict[str, str], host: str, port: int, workers: int,
     if missing:
         raise ServerConfigError(f"set {', '.join(missing)} in the environment (docs/team.md); "
                                 "secrets never go in params.yaml or git")
+    if len(env["MLFLOW_AUTH_ADMIN_PASSWORD"]) < MIN_ADMIN_PASSWORD:
+        raise ServerConfigError(f"MLFLOW_AUTH_ADMIN_PASSWORD has "
+                                f"{len(env['MLFLOW_AUTH_ADMIN_PASSWORD'])} characters; MLflow "
+                                f"needs at least {MIN_ADMIN_PASSWORD}")
     backend = env["MLFLOW_BACKEND_STORE_URI"]
     if backend.startswith("postgresql://"):
         raise ServerConfigError(
@@ -79,6 +90,16 @@ def server_command(env: dict[str, str], host: str, port: int, workers: int,
                env["MLFLOW_ARTIFACTS_DESTINATION"],
                "--app-name", "basic-auth",
                "--host", host, "--port", str(port), "--workers", str(workers)]
+    hosts = [h.strip() for h in env.get("MLFLOW_SERVER_ALLOWED_HOSTS", "").split(",")
+             if h.strip()]
+    if hosts:
+        command += ["--allowed-hosts", ",".join([*hosts, *LOOPBACK_HOSTS])]
+    elif host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"note: clients that name this machine by host name (not localhost or a "
+              f"private IP) get 403 'Invalid Host header' unless MLFLOW_SERVER_ALLOWED_HOSTS "
+              f"lists it (e.g. mlflow-host:{port})", file=sys.stderr)
+    if env.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"):
+        command += ["--cors-allowed-origins", env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"]]
     return command, {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
 
 

@@ -253,7 +253,8 @@ def _dvc(args: list[str], cwd: Path, env: dict[str, str], check: bool = True) ->
 
 def check_ready(repo: Path, git_remote: str) -> tuple[str, str]:
     """What workers need before anything is submitted: a clean tracked tree, its commit on
-    the git remote, a default DVC remote. Returns (remote URL, commit)."""
+    the git remote (or one that differs only by study records), a default DVC remote.
+    Returns (remote URL, the commit the workers run)."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
 
@@ -269,12 +270,20 @@ def check_ready(repo: Path, git_remote: str) -> tuple[str, str]:
                         f"from the commit: {' '.join(dirty.split()[1::2][:5])}; commit them "
                         "first")
     git("fetch", "-q", git_remote)
-    if not git("branch", "-r", "--contains", commit).stdout.strip():
-        raise RunFailed(f"commit {commit[:8]} is not on the git remote '{git_remote}'; push it "
-                        f"first (git push {git_remote} HEAD)")
+    unpushed = git("rev-list", "HEAD", "--not", f"--remotes={git_remote}").stdout.split()
+    if unpushed:
+        # Commits that only add study records (the runner's own) change nothing a worker runs:
+        # the workers take the last pushed commit below them.
+        base = git("rev-parse", "--verify", "-q", f"{unpushed[-1]}^").stdout.strip()
+        changed = base and git("diff", "--name-only", base, "HEAD", "--", ".",
+                               ":(exclude)reports/study").stdout.strip()
+        if not base or changed:
+            raise RunFailed(f"commit {commit[:8]} is not on the git remote '{git_remote}'; "
+                            f"push it first (git push {git_remote} HEAD)")
+        commit = base
     default = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=repo,
-                             capture_output=True, text=True).stdout.strip()
-    if not default:
+                             capture_output=True, text=True)
+    if default.returncode != 0 or not default.stdout.strip():
         raise RunFailed("no default DVC remote: workers push each experiment's outputs to it "
                         "(dvc remote add -d NAME URL, committed in .dvc/config)")
     return url.stdout.strip(), commit
