@@ -165,6 +165,10 @@ bench-workers: setup
 	$(BIN)/dvc repro split
 	PYTHONPATH=src $(BIN)/python benchmarks/workers.py
 
+# The slice study on 1 Dask worker against 2, and on DVC's queue: reports/bench/cluster.json.
+bench-cluster: setup
+	PYTHONPATH=src $(BIN)/python benchmarks/cluster.py
+
 lock: $(STAMP)
 	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^fmnist-crnn' > requirements.lock.new
 	{ sed -n '1,2p' requirements.lock; cat requirements.lock.new; } > requirements.lock.tmp

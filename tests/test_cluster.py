@@ -278,3 +278,21 @@ def _in_group(proc: psutil.Process, group: int) -> bool:
         return os.getpgid(proc.pid) == group
     except (ProcessLookupError, PermissionError):
         return False
+
+
+def test_a_runner_killed_and_started_again_trains_no_run_twice(team):
+    holds, held = team["holds"], "restart-baseline-s42"
+    (holds / f"hold-{held}-1").touch()
+    first = subprocess.Popen(study_command(team, "restart"), cwd=team["repo"], env=team["env"],
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(holds / f"at-{held}-1", first)
+    first.kill()  # the runner goes; the run it started goes on training on its worker
+    first.communicate()
+    second = subprocess.Popen(study_command(team, "restart"), cwd=team["repo"], env=team["env"],
+                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    time.sleep(10)  # the second runner has submitted the held run again
+    (holds / f"hold-{held}-1").unlink()
+    out, _ = second.communicate(timeout=1800)
+    assert second.returncode == 0, out[-4000:]
+    records, runs = assert_study_landed(team, "restart")
+    assert [r.data.tags["dvc_exp_name"] for r in runs].count(held) == 1  # trained once
