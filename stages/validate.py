@@ -12,7 +12,7 @@ from pathlib import Path
 
 from fmnist_crnn import cli
 from fmnist_crnn.files import atomic_write_text
-from fmnist_crnn.model import CRNN
+from fmnist_crnn.model import CRNN, select_device
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
 SECTIONS = ("data", "split", "model", "train", "augment", "evaluate", "tracking", "report")
@@ -21,6 +21,7 @@ MARKER = "params.yaml passed validation\n"  # constant: downstream stages never 
 
 def main(args, params) -> None:
     CRNN(params.model)  # an architecture that cannot build names its block and sizes here
+    select_device(params.train.device)  # train.device=cuda on a machine without CUDA
     atomic_write_text(Path(args.out), MARKER)
 
 

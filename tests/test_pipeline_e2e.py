@@ -380,6 +380,18 @@ def test_a_bad_value_through_dvc_exp_run_changes_no_output(pipeline):
     run(["git", "checkout", "params.yaml"], repo, env)
     assert "up to date" in run([*DVC, "status"], repo, env)
 
+    # A device this machine does not have is a bad value too, refused before any output goes.
+    import torch
+
+    if not torch.cuda.is_available():
+        proc = subprocess.run([*DVC, "exp", "run", "-S", "train.device=cuda"], cwd=repo,
+                              env=env, capture_output=True, text=True)
+        assert proc.returncode != 0
+        assert "train.device is 'cuda' but no CUDA device" in proc.stdout + proc.stderr
+        assert {p: (repo / p).read_bytes() for p in outputs} == before
+        run(["git", "checkout", "params.yaml"], repo, env)
+        assert "up to date" in run([*DVC, "status"], repo, env)
+
     # In a temporary copy (--temp, as queued runs do), the workspace is not touched at all.
     proc = subprocess.run([*DVC, "exp", "run", "--temp", "-S", "model.hidden_dim=-3"],
                           cwd=repo, env=env, capture_output=True, text=True)

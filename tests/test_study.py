@@ -15,6 +15,7 @@ from dvc.utils.hydra import apply_overrides
 from fmnist_crnn import study
 from fmnist_crnn.config import load_params
 from fmnist_crnn.model import CRNN
+from fmnist_crnn.study import catalog
 
 from .conftest import DVC, REPO, stranger_env
 
@@ -390,3 +391,25 @@ def test_queue_workers_start_without_holding_the_runners_output_open(tmp_path):
         os.kill(int(launcher.read_text()), signal.SIGKILL)
     assert reader.returncode == 0
     assert "Started 2 new experiment task queue workers." in out and "runner done" in out
+
+
+def test_a_study_and_a_recipe_start_from_the_committed_baseline(tmp_path):
+    """After `make fast` (a workspace experiment), params.yaml holds the fast recipe (four
+    conv blocks); every study run must still be the committed baseline plus its variant."""
+    workspace = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", workspace)
+    apply_overrides(workspace, study.override_args(study.RECIPES["fast"])[1::2])
+    committed = yaml.safe_load((REPO / "params.yaml").read_text())
+    resets = catalog.baseline_resets(committed, yaml.safe_load(workspace.read_text()))
+    assert "model.channels" in resets
+    for name in study.VARIANTS:
+        built = tmp_path / f"{name}.yaml"
+        shutil.copy(workspace, built)
+        overrides = {**resets, **study.run_overrides(study.VARIANTS[name], 42, "s", {})}
+        apply_overrides(built, study.override_args(overrides)[1::2])  # as `dvc exp run -S`
+        expected = tmp_path / f"{name}-expected.yaml"
+        shutil.copy(REPO / "params.yaml", expected)
+        apply_overrides(expected, study.override_args(
+            study.run_overrides(study.VARIANTS[name], 42, "s", {}))[1::2])
+        assert load_params(built) == load_params(expected), name
+    assert catalog.baseline_resets(committed, committed) == {}

@@ -113,6 +113,7 @@ def head(tmp_path, monkeypatch):
     git(repo, "init", "-q")
     subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], cwd=repo, check=True)
     (repo / "params.yaml").write_text("a: 1\n")
+    (repo / "train.py").write_text("changed = False\n")
     git(repo, "add", "-A")
     git(repo, "commit", "-qm", "init")
     return repo
@@ -132,13 +133,15 @@ def test_the_checks_before_submitting_name_what_is_missing(head, tmp_path):
                    cwd=head, check=True)
     git(head, "commit", "-qam", "remote")
     git(head, "push", "-q", "origin", "HEAD")
-    (head / "params.yaml").write_text("a: 2\n")
-    with pytest.raises(cluster.RunFailed, match="differ from the commit: params.yaml"):
+    (head / "train.py").write_text("changed = True\n")
+    with pytest.raises(cluster.RunFailed, match="differ from the commit: train.py"):
         cluster.check_ready(head, "origin")
-    git(head, "checkout", "params.yaml")
+    git(head, "checkout", "train.py")
+    (head / "params.yaml").write_text("a: 2\n")  # allowed: each run resets it to the commit's
     pushed = git(head, "rev-parse", "HEAD")
     assert cluster.check_ready(head, "origin") == (str(tmp_path / "remote.git"), pushed)
     # A record committed by the runner since: the workers still run the pushed commit.
+    git(head, "checkout", "params.yaml")
     record = head / "reports/study/runs/s/s-baseline-s42.json"
     record.parent.mkdir(parents=True)
     record.write_text("{}\n")

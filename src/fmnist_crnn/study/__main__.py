@@ -53,6 +53,19 @@ def commit_record(study: str, name: str, paths: list[Path]) -> None:
               "yourself", file=sys.stderr)
 
 
+def run_recipe(recipe: str, name: str, seed: int | None) -> None:
+    """``dvc exp run -n NAME -S ...`` in the workspace, built on the committed params.yaml
+    (not on what an earlier recipe left there); says how to go back to the baseline."""
+    extra = {"train.seed": seed} if seed is not None else {}
+    overrides = {**catalog.committed_resets(Path.cwd()), **catalog.RECIPES[recipe], **extra}
+    words = ["exp", "run", "-n", name, *catalog.override_args(overrides)]
+    print("dvc " + " ".join(words), flush=True)
+    queue.dvc(*words, capture=False)
+    print(f"The workspace now holds the recipe '{recipe}' (params.yaml, dvc.lock, outputs; the "
+          f"experiment is also kept as '{name}'). Back to the baseline: `git checkout "
+          "params.yaml dvc.lock && dvc checkout`", flush=True)
+
+
 def run_study(args: argparse.Namespace) -> Path:
     from fmnist_crnn import tracking
     from fmnist_crnn.config import load_params
@@ -70,6 +83,11 @@ def run_study(args: argparse.Namespace) -> Path:
     for item in args.set:
         key, _, value = item.partition("=")
         extra[key] = yaml.safe_load(value)
+    resets = catalog.committed_resets(Path.cwd())
+    if resets:
+        print(f"params.yaml differs from the commit in {', '.join(sorted(resets))}: every run "
+              "of the study starts from the committed params.yaml (`git checkout params.yaml` "
+              "drops the changes; commit them to study another baseline)", flush=True)
     # Seed-major order: if the queue is stopped early, every variant has the same seeds done.
     plan = {}
     for seed in seeds:
@@ -77,7 +95,7 @@ def run_study(args: argparse.Namespace) -> Path:
             variant = catalog.ALL_VARIANTS[name]
             plan[catalog.experiment_name(study, name, seed)] = {
                 "variant": name, "seed": seed,
-                "overrides": catalog.run_overrides(variant, seed, study, extra)}
+                "overrides": {**resets, **catalog.run_overrides(variant, seed, study, extra)}}
     records.add_to_plan(out_dir, study, plan)
     # Create the tracking store and experiment once, before parallel workers race to.
     tracking.configure(params.tracking.experiment_name)
@@ -163,11 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "compare":
             comparison.compare(args.study, Path(args.out))
         elif args.command == "recipe":
-            extra = {"train.seed": args.seed} if args.seed is not None else {}
-            words = ["exp", "run", "-n", args.name or args.recipe,
-                     *catalog.override_args({**catalog.RECIPES[args.recipe], **extra})]
-            print("dvc " + " ".join(words), flush=True)
-            queue.dvc(*words, capture=False)
+            run_recipe(args.recipe, args.name or args.recipe, args.seed)
         else:
             extra = {"train.epochs": args.epochs} if args.epochs else {}
             for variant in catalog.ALL_VARIANTS.values():

@@ -117,3 +117,33 @@ def run_overrides(variant: Variant, seed: int, study: str,
     and the tags that find it again."""
     return {**scale_to_epochs(variant.overrides, extra.get("train.epochs")), **extra,
             "train.seed": seed, "tracking.study": study, "tracking.variant": variant.name}
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def baseline_resets(committed: dict[str, Any], workspace: dict[str, Any]) -> dict[str, Any]:
+    """The ``-S`` overrides that put ``workspace`` params back to ``committed`` ones: every key
+    whose value differs (a recipe run in the workspace leaves its values in params.yaml), so a
+    variant or recipe is built on the committed baseline, whatever the last command left."""
+    old, new = _flat(committed), _flat(workspace)
+    return {key: value for key, value in old.items() if new.get(key, object()) != value}
+
+
+def committed_resets(repo: Path) -> dict[str, Any]:
+    """``baseline_resets`` of ``repo``'s params.yaml against its HEAD commit ({} outside git)."""
+    import subprocess
+
+    shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True,
+                           text=True)
+    if shown.returncode != 0:
+        return {}
+    return baseline_resets(yaml.safe_load(shown.stdout),
+                           yaml.safe_load((repo / "params.yaml").read_text()))

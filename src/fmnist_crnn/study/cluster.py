@@ -44,6 +44,7 @@ from typing import Any
 
 import yaml
 
+from fmnist_crnn import tracking
 from fmnist_crnn.study import records
 
 WORKDIR_ENV = "FMNIST_STUDY_WORKDIR"
@@ -263,8 +264,11 @@ def check_ready(repo: Path, git_remote: str) -> tuple[str, str]:
         raise RunFailed(f"no git remote '{git_remote}' in {repo}: workers clone the study's "
                         f"commit from it (git remote add {git_remote} URL)")
     commit = git("rev-parse", "HEAD").stdout.strip()
+    # params.yaml may differ (every run resets it to the commit's values); DVC's files too.
+    excluded = [f":(exclude){p}" for p in ("reports/study", "params.yaml",
+                                            *tracking.dvc_managed_paths(repo))]
     dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                ":(exclude)reports/study").stdout.strip()
+                *excluded).stdout.strip()
     if dirty:
         raise RunFailed("the workers run the committed code and params.yaml, and these differ "
                         f"from the commit: {' '.join(dirty.split()[1::2][:5])}; commit them "
