@@ -167,7 +167,7 @@ def main() -> None:
 
 
 def services_cpu() -> str:
-    from fmnist_crnn.train import cpu_model
+    from fmnist_crnn.environment import cpu_model
 
     return cpu_model()
 

@@ -34,7 +34,8 @@ import yaml
 
 from fmnist_crnn import data, distributed, train
 from fmnist_crnn.config import load_params, params_from_dict, to_dict
-from fmnist_crnn.model import count_parameters, select_device
+from fmnist_crnn.distributed import select_device
+from fmnist_crnn.model import count_parameters
 from fmnist_crnn.study import catalog
 
 PARTS = {"blocks": "convolution blocks", "lstm": "recurrent layer", "head": "head"}

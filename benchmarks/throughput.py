@@ -35,7 +35,8 @@ from torchvision import datasets, transforms
 
 from fmnist_crnn import data, train
 from fmnist_crnn.config import load_params, params_from_dict, to_dict
-from fmnist_crnn.model import CRNN, count_parameters, select_device
+from fmnist_crnn.distributed import select_device
+from fmnist_crnn.model import CRNN, count_parameters
 
 
 def study_loader(raw_dir: Path, root: Path, batch_size: int, count: int) -> DataLoader:

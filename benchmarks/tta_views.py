@@ -19,9 +19,11 @@ from pathlib import Path
 
 import torch
 
-from fmnist_crnn import data, train
+from fmnist_crnn import data
+from fmnist_crnn.distributed import select_device
+from fmnist_crnn.environment import cpu_model
 from fmnist_crnn.evaluate import accuracy
-from fmnist_crnn.model import load_model, select_device
+from fmnist_crnn.model import load_model
 
 CROSS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]
 SQUARE = list(itertools.product((-1, 0, 1), repeat=2))
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"mean over {len(per_model)} models:")
     for name, acc in means.items():
         print(f"  {name:>18}: {acc:.4%}")
-    result = {"split": args.split_name, "images": len(labels), "cpu": train.cpu_model(),
+    result = {"split": args.split_name, "images": len(labels), "cpu": cpu_model(),
               "view_sets": {k: {"shifts": v[0], "mirrored": v[1]} for k, v in VIEW_SETS.items()},
               "models": per_model, "mean_accuracy": means}
     out = Path(args.out)

@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from fmnist_crnn import data, train
-from fmnist_crnn.model import load_model, select_device
+from fmnist_crnn.distributed import select_device
+from fmnist_crnn.environment import cpu_model
+from fmnist_crnn.model import load_model
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
@@ -56,7 +58,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"round {number} {name:>8}: {seconds:6.2f} s, {correct} of "
                   f"{len(val_data[1])} correct ({acc:.4%}), loss {loss:.4f}", flush=True)
     result = {"model": args.model, "images": len(val_data[1]), "batch_size": args.batch_size,
-              "threads": torch.get_num_threads(), "cpu": train.cpu_model(), "rounds": rounds}
+              "threads": torch.get_num_threads(), "cpu": cpu_model(), "rounds": rounds}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

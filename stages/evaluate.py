@@ -2,14 +2,15 @@
 
 from pathlib import Path
 
-from fmnist_crnn import cli, evaluate
+from fmnist_crnn import cli
+from fmnist_crnn.runs.evaluation import run_evaluation
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
 SECTIONS = ("train", "evaluate", "tracking")
 
 
 def main(args, params) -> None:
-    evaluate.run_evaluation(
+    run_evaluation(
         Path(args.model), Path(args.split), Path(args.run), metrics_path=Path(args.metrics),
         per_class_path=Path(args.per_class),
         predictions_path=Path(args.predictions), confusion_path=Path(args.confusion),

@@ -3,7 +3,8 @@
 import sys
 from pathlib import Path
 
-from fmnist_crnn import cli, distributed, train
+from fmnist_crnn import cli, distributed
+from fmnist_crnn.runs.training import run_training
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
 SECTIONS = ("data", "split", "model", "train", "augment", "tracking")
@@ -13,7 +14,7 @@ def main(args, params) -> None:
     status = distributed.torchrun(params.train.processes, sys.argv)
     if status is not None:  # train.processes > 1: the same stage as that many processes
         sys.exit(status)
-    result = train.run_training(
+    result = run_training(
         params, Path(args.split), model_path=Path(args.model),
         checkpoint_path=Path(args.checkpoint), metrics_path=Path(args.metrics),
         history_path=Path(args.history), run_path=Path(args.run),

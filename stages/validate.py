@@ -11,8 +11,9 @@ the changed section.
 from pathlib import Path
 
 from fmnist_crnn import cli
+from fmnist_crnn.distributed import select_device
 from fmnist_crnn.files import atomic_write_text
-from fmnist_crnn.model import CRNN, select_device
+from fmnist_crnn.model import CRNN
 
 # The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
 SECTIONS = ("data", "split", "model", "train", "augment", "evaluate", "tracking", "report")

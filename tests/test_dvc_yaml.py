@@ -53,25 +53,42 @@ def test_every_path_argument_is_a_dependency_or_output(stage):
 
 
 def project_imports(path):
-    """The package's modules that ``path`` imports, at module level or inside functions."""
+    """The package's modules that ``path`` imports, at module level or inside functions, as
+    dotted names below the package (``data``, ``runs.training``; importing a submodule
+    imports its package, ``runs``, too)."""
     found = set()
+
+    def add(dotted):
+        parts = dotted.split(".")
+        found.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             parts = node.module.split(".")
             if parts[0] != "fmnist_crnn":
                 continue
-            if len(parts) > 1:
-                found.add(parts[1])
-            else:  # `from fmnist_crnn import data, train`
-                found.update(alias.name for alias in node.names)
+            base = ".".join(parts[1:])
+            for alias in node.names:  # `from fmnist_crnn.runs import training`: a module
+                dotted = f"{base}.{alias.name}" if base else alias.name
+                if module_file(dotted).is_file():
+                    add(dotted)
+                elif base:
+                    add(base)
         elif isinstance(node, ast.Import):
-            found.update(a.name.split(".")[1] for a in node.names
-                         if a.name.startswith("fmnist_crnn."))
+            for a in node.names:
+                if a.name.startswith("fmnist_crnn."):
+                    add(a.name.split(".", 1)[1])
         elif (isinstance(node, ast.Constant) and isinstance(node.value, str)
               and re.fullmatch(r"\w+\.py", node.value) and (PACKAGE / node.value).is_file()):
             # A module run by file name (tracking logs served_model.py as the model's code).
             found.add(Path(node.value).stem)
     return found
+
+
+def module_file(dotted):
+    """``runs.training`` -> src/fmnist_crnn/runs/training.py, ``runs`` -> runs/__init__.py."""
+    path = PACKAGE.joinpath(*dotted.split("."))
+    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
 
 
 def transitive_imports(path):
@@ -82,7 +99,7 @@ def transitive_imports(path):
         if module in seen:
             continue
         seen.add(module)
-        todo |= project_imports(REPO / "src" / "fmnist_crnn" / f"{module}.py") - seen
+        todo |= project_imports(module_file(module)) - seen
     return seen
 
 
@@ -92,11 +109,10 @@ def test_stage_depends_on_every_module_it_imports_directly_or_not(stage):
     assert {f"stages/{stage}.py", "stages/run.sh"} <= deps
     modules = transitive_imports(REPO / "stages" / f"{stage}.py")
     assert "cli" in modules and "errors" in modules
-    missing = sorted(f"src/fmnist_crnn/{m}.py" for m in modules
-                     if f"src/fmnist_crnn/{m}.py" not in deps)
+    files = {str(module_file(m).relative_to(REPO)) for m in modules}
+    missing = sorted(files - deps)
     assert not missing, f"stage {stage} imports {missing} but dvc.yaml does not list them"
-    extra = sorted(d for d in deps if d.startswith("src/")
-                   and Path(d).stem not in modules)
+    extra = sorted(d for d in deps if d.startswith("src/") and d not in files)
     assert not extra, f"stage {stage} lists {extra} in dvc.yaml but never imports them"
 
 

@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from fmnist_crnn import data, train
+from fmnist_crnn import data, history, train
 from fmnist_crnn.config import AugmentConfig, ModelConfig, SplitConfig, TrainConfig
+from fmnist_crnn.runs import training
 
 SMALL = ModelConfig(channels=(8, 16, 32), embedding_dim=16, hidden_dim=16, num_layers=1,
                     head_dims=(16,))
@@ -54,7 +55,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(splits, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train.fit(SMALL, cfg, *splits, checkpoint_path=ckpt, fingerprint="fp",
                   on_epoch=crash_after_epoch_2, progress=False)
-    state = train.load_resume_state(ckpt, "fp")
+    state = training.load_resume_state(ckpt, "fp")
     assert state["epoch"] == 1  # epoch 2 crashed before its checkpoint
     resumed = train.fit(SMALL, cfg, *splits, checkpoint_path=ckpt, fingerprint="fp",
                         resume=state, progress=False)
@@ -67,8 +68,8 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(splits, tmp_path):
 def test_checkpoint_of_other_params_or_finished_run_is_not_resumed(splits, tmp_path):
     ckpt = tmp_path / "last.pt"
     train.fit(SMALL, FAST, *splits, checkpoint_path=ckpt, fingerprint="fp", progress=False)
-    assert train.load_resume_state(ckpt, "other") is None
-    assert train.load_resume_state(ckpt, "fp") is None  # finished: a new repro trains afresh
+    assert training.load_resume_state(ckpt, "other") is None
+    assert training.load_resume_state(ckpt, "fp") is None  # finished: a new repro trains afresh
 
 
 def test_non_finite_loss_stops_training_and_keeps_last_good_checkpoint(
@@ -85,14 +86,14 @@ def test_non_finite_loss_stops_training_and_keeps_last_good_checkpoint(
     with pytest.raises(train.TrainingError, match="loss became nan at epoch 2, batch 1"):
         train.fit(SMALL, FAST, *splits, checkpoint_path=ckpt, fingerprint="fp",
                   progress=False)
-    assert train.load_resume_state(ckpt, "fp")["epoch"] == 1
+    assert training.load_resume_state(ckpt, "fp")["epoch"] == 1
 
 
 def test_history_csv_round_trip(tmp_path):
     rows = [{"epoch": 1, "train_loss": 0.5, "train_acc": 0.8, "val_loss": 0.6, "val_acc": 0.75,
              "lr": 0.001, "epoch_seconds": 1.5}]
-    train.write_history(tmp_path / "h.csv", rows)
-    assert train.read_history(tmp_path / "h.csv") == rows
+    history.write_history(tmp_path / "h.csv", rows)
+    assert history.read_history(tmp_path / "h.csv") == rows
 
 
 # The recipe's knobs ---------------------------------------------------------------------------
@@ -148,7 +149,7 @@ def test_recipe_knobs_train_repeatably_and_resume_exactly(splits, tmp_path):
         train.fit(SMALL, RECIPE, *splits, AUGMENT, checkpoint_path=ckpt, fingerprint="fp",
                   on_epoch=crash_in_epoch_3, progress=False)
     resumed = train.fit(SMALL, RECIPE, *splits, AUGMENT, checkpoint_path=ckpt,
-                        fingerprint="fp", resume=train.load_resume_state(ckpt, "fp"),
+                        fingerprint="fp", resume=training.load_resume_state(ckpt, "fp"),
                         progress=False)
     assert resumed.resumed_from_epoch == 2
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
@@ -210,10 +211,10 @@ def test_shift_tta_averages_the_moved_images_and_their_mirrors(splits):
 
 
 def test_seconds_to_accuracy_counts_epochs_until_the_first_hit():
-    history = [{"epoch_seconds": 10.0, "val_acc": 0.8}, {"epoch_seconds": 12.0, "val_acc": 0.93},
-               {"epoch_seconds": 11.0, "val_acc": 0.95}]
-    assert train.seconds_to_accuracy(history, 0.93) == 22.0
-    assert train.seconds_to_accuracy(history, 0.96) is None
+    epochs = [{"epoch_seconds": 10.0, "val_acc": 0.8}, {"epoch_seconds": 12.0, "val_acc": 0.93},
+              {"epoch_seconds": 11.0, "val_acc": 0.95}]
+    assert history.seconds_to_accuracy(epochs, 0.93) == 22.0
+    assert history.seconds_to_accuracy(epochs, 0.96) is None
 
 
 def test_ema_warms_up_then_uses_its_decay():
@@ -244,11 +245,11 @@ def test_without_validation_the_last_epoch_is_kept_and_reported_as_such(raw_dir,
                         val_data, progress=False)
     last, first = weights(result.model), weights(shorter.model)
     assert not all(torch.equal(last[k], first[k]) for k in last)
-    summary = train.summarize(result, val_data, 16)
+    summary = training.summarize(result, val_data, 16)
     assert summary["best_val_acc"] is None and summary["best_epoch"] == 2
     assert summary["seconds_to_val_acc_90"] is None and summary["train_seconds"] > 0
-    train.write_history(tmp_path / "history.csv", result.history)
-    assert train.read_history(tmp_path / "history.csv") == [
+    history.write_history(tmp_path / "history.csv", result.history)
+    assert history.read_history(tmp_path / "history.csv") == [
         {k: pytest.approx(v, rel=1e-5) for k, v in r.items()} for r in result.history]
 
 

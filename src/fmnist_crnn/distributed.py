@@ -1,4 +1,5 @@
-"""Several training processes under torchrun: process group, shards, the rank-0 guard.
+"""Device choice, and several training processes under torchrun: process group, shards, the
+rank-0 guard.
 
 Nothing else in the package knows about ranks. torchrun (``python -m torch.distributed.run``)
 sets WORLD_SIZE, RANK and LOCAL_RANK; without them everything here is a no-op and training is
@@ -14,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from fmnist_crnn.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,12 @@ def check_same_weights(model: torch.nn.Module, ctx: Context) -> None:
                            f"weights: {digests}")
     if ctx.is_main:
         print(f"weights identical on all {ctx.world_size} processes ({digests[0][:12]})")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device is 'cuda' but no CUDA device is available; "
+                          "use 'auto' or 'cpu'")
+    return torch.device(name)

@@ -142,15 +142,6 @@ def shape_table(cfg: ModelConfig, batch_size: int = 64) -> list[tuple[str, list[
     return rows
 
 
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device is 'cuda' but no CUDA device is available; "
-                          "use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 

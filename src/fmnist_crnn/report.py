@@ -18,8 +18,8 @@ import torch
 from fmnist_crnn import data, inspection, plots
 from fmnist_crnn.config import Params, to_flat_dict
 from fmnist_crnn.files import atomic_write_text
+from fmnist_crnn.history import read_history
 from fmnist_crnn.model import count_parameters, load_model, shape_table
-from fmnist_crnn.train import read_history
 
 # What the course report states (shared/docs/study.md); fixed facts, not parameters.
 STUDY = {"test_accuracy": 0.896, "epochs": 20}

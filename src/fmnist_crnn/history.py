@@ -1,0 +1,42 @@
+"""The per-epoch history file (plots/history.csv) and time to accuracy: written by the train
+stage, read by the report and the study records."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from fmnist_crnn.files import atomic_write_bytes
+
+HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr",
+                  "epoch_seconds")
+
+
+MILESTONES = (0.90, 0.93)  # validation accuracies whose time-to-reach train.json records
+
+
+def seconds_to_accuracy(history: list[dict[str, float]], target: float) -> float | None:
+    """Training seconds (validation included) until val_acc first reaches ``target``."""
+    elapsed = 0.0
+    for record in history:
+        elapsed += record["epoch_seconds"]
+        if record.get("val_acc", 0.0) >= target:
+            return elapsed
+    return None
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=HISTORY_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        # A value the run did not measure (no validation split) is an empty cell.
+        writer.writerow({k: (int(row[k]) if k == "epoch" else f"{row[k]:.6g}")
+                         for k in HISTORY_FIELDS if k in row})
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def read_history(path: Path) -> list[dict[str, float]]:
+    with open(path, newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
