@@ -79,7 +79,10 @@ lint: setup
 server: setup
 	$(BIN)/python -m fmnist_crnn.server serve --host $(MLFLOW_HOST) --port $(MLFLOW_PORT)
 
+# The committed study and recipe records are loaded first (seconds, no training; tagged
+# imported=true), so a fresh clone compares them in the UI.
 ui: setup
+	$(BIN)/python -m fmnist_crnn.study publish
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 \
 	  --port $(MLFLOW_PORT)
 

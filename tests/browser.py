@@ -30,3 +30,14 @@ def images_loaded(html_file: Path) -> tuple[int, int]:
     match = re.search(r"<title>IMAGES (\d+)/(\d+)</title>", proc.stdout)
     assert match, f"Chromium did not render the page: {proc.stderr[-2000:]}"
     return int(match.group(1)), int(match.group(2))
+
+
+def dom(url: str, workdir: Path, budget_ms: int = 20000) -> str:
+    """The page at ``url`` as Chromium's DOM after its scripts ran (a virtual-time budget)."""
+    flags = [f for f in FLAGS if not f.startswith("--virtual-time-budget")]
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        proc = subprocess.run([chromium(), *flags, f"--virtual-time-budget={budget_ms}",
+                               f"--user-data-dir={tmp}/profile", url],
+                              capture_output=True, text=True, timeout=180)
+    assert proc.stdout.strip(), f"Chromium rendered nothing: {proc.stderr[-2000:]}"
+    return proc.stdout

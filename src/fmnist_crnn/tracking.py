@@ -678,7 +678,8 @@ def study_runs(experiment_name: str, study: str,
     found: dict[str, dict[str, Any]] = {}
     for run in runs:
         name = run.data.tags.get("dvc_exp_name")
-        if not name or name in found or run.info.status != "FINISHED":
+        if not name or name in found or run.info.status != "FINISHED" or \
+                IMPORTED_KEY in run.data.tags:  # a committed record, not a run made here
             continue
         history = {}
         for key in keys:
@@ -690,6 +691,59 @@ def study_runs(experiment_name: str, study: str,
                                        for k, v in run.data.tags.items()
                                        if k.startswith("env.")}}
     return found
+
+
+IMPORTED_KEY = "imported.record"  # <study>/<name>: which committed record a run came from
+IMPORTED_SHA = "imported.sha256"   # the record file's digest: a changed record replaces its run
+
+
+def import_finished_run(experiment_name: str, key: str, digest: str, run_name: str,
+                        params: Mapping[str, Any], history: Mapping[str, list[float]],
+                        metrics: Mapping[str, float], tags: Mapping[str, str],
+                        time_ms: int) -> str:
+    """Put a run that was made elsewhere (a committed record) in the store as a FINISHED run:
+    params under their dotted keys, ``history`` at step = epoch (1, 2, ...), ``metrics`` at
+    step 0 as the stages log summaries. The run carries ``IMPORTED_KEY`` = ``key``: importing
+    the same record again adds nothing ("unchanged"), a record whose ``digest`` changed
+    replaces its run ("replaced"); runs made here are never touched. Returns what was done."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    experiment_id = configure(experiment_name)
+    uri = mlflow.get_tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    earlier = client.search_runs([experiment_id], filter_string=f"tags.`{IMPORTED_KEY}` = "
+                                 f"'{key}'", max_results=100)
+    if any(r.data.tags.get(IMPORTED_SHA) == digest and r.info.status == "FINISHED"
+           for r in earlier):
+        return "unchanged"
+    for run in earlier:
+        client.delete_run(run.info.run_id)
+    run = _with_retries(uri, lambda: client.create_run(
+        experiment_id, start_time=time_ms, run_name=run_name,
+        tags={**{k: str(v) for k, v in tags.items()}, IMPORTED_KEY: key,
+              IMPORTED_SHA: digest}))
+    run_id = run.info.run_id
+    items = [Param(k, _param_value(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow's limits per batch
+        client.log_batch(run_id, params=items[i:i + 100])
+    points = [Metric(k, float(v), time_ms, step) for k, values in history.items()
+              for step, v in enumerate(values, start=1) if v is not None]
+    points += [Metric(k, float(v), time_ms, 0) for k, v in metrics.items() if v is not None]
+    for i in range(0, len(points), 1000):
+        client.log_batch(run_id, metrics=points[i:i + 1000])
+    client.set_terminated(run_id, status="FINISHED", end_time=time_ms)
+    return "replaced" if earlier else "added"
+
+
+def imported_runs(experiment_name: str, study: str) -> tuple[str, dict[str, str]]:
+    """The experiment id and the imported runs of ``study`` (run name -> run id)."""
+    import mlflow
+
+    experiment_id = configure(experiment_name)
+    runs = mlflow.MlflowClient().search_runs(
+        [experiment_id], filter_string=f"tags.`imported.study` = '{study}'", max_results=1000)
+    return experiment_id, {r.info.run_name: r.info.run_id for r in runs}
 
 
 def _auth_client() -> Any:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from fmnist_crnn.errors import ProjectError
-from fmnist_crnn.study import catalog, cluster, comparison, queue, records
+from fmnist_crnn.study import catalog, cluster, comparison, publish, queue, records
 
 
 def collect(study: str, out_dir: Path) -> list[str]:
@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> None:
     for p in (col, cmp_):
         p.add_argument("--study", required=True)
         p.add_argument("--out", default="reports/study")
+    pub = sub.add_parser("publish", help="load the committed run records into the MLflow "
+                         "store (MLFLOW_TRACKING_URI, else the local one) as FINISHED runs "
+                         "tagged imported=true; again: only changed records")
+    pub.add_argument("--study", action="append", help="only this study (repeatable)")
+    pub.add_argument("--out", default="reports/study")
+    pub.add_argument("--ui", default="http://127.0.0.1:5000",
+                     help="the MLflow UI's address, for the link printed at the end")
     lst = sub.add_parser("commands", help="print the one-line command for each variant")
     lst.add_argument("--epochs", type=int)
     recipe = sub.add_parser("recipe", help="run a recipe as one named DVC experiment in the "
@@ -178,6 +185,25 @@ def main(argv: list[str] | None = None) -> None:
             run_study(args)
         elif args.command == "collect":
             collect(args.study, Path(args.out))
+        elif args.command == "publish":
+            from fmnist_crnn import tracking
+            from fmnist_crnn.config import load_params
+
+            done = publish.publish(Path(args.out), load_params("params.yaml").tracking
+                                   .experiment_name, args.study)
+            experiment = load_params("params.yaml").tracking.experiment_name
+            print(f"{sum(done.values())} committed run record(s) in {tracking.tracking_uri()}: "
+                  f"{done['added']} added, {done['replaced']} replaced, {done['unchanged']} "
+                  "unchanged (tagged imported=true; in the UI's search box: tags.imported = "
+                  "'true', or tags.study = 'ablation')")
+            study_id = (args.study or ["ablation"])[0]
+            experiment_id, runs = tracking.imported_runs(experiment, study_id)
+            first = sorted(runs)[:1]
+            if first:  # one seed of every variant: the study's comparison in one click
+                seed = first[0].rsplit("-s", 1)[-1]
+                ids = [i for name, i in sorted(runs.items()) if name.endswith(f"-s{seed}")]
+                print(f"{study_id}, seed {seed}, validation accuracy per epoch (`make ui`): "
+                      + publish.curves_url(args.ui, experiment_id, ids))
         elif args.command == "compare":
             comparison.compare(args.study, Path(args.out))
         elif args.command == "recipe":
