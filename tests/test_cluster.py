@@ -73,9 +73,19 @@ def tracked_repo(tmp_path_factory, server, tmp_path):
     return repo, env, holds
 
 
-def start_exp(repo, env, name) -> subprocess.Popen:
-    return subprocess.Popen([*DVC, "exp", "run", "-n", name], cwd=repo, env=env, text=True,
+def start_held(repo, env, holds, name, *epochs) -> subprocess.Popen:
+    """`dvc exp run -n NAME`, held after each of ``epochs``; returns once it waits after the
+    first (``release`` lets it go on)."""
+    for epoch in epochs:
+        (holds / f"hold-{name}-{epoch}").touch()
+    proc = subprocess.Popen([*DVC, "exp", "run", "-n", name], cwd=repo, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    wait_for(holds / f"at-{name}-{epochs[0]}", proc)
+    return proc
+
+
+def release(holds, name, epoch) -> None:
+    (holds / f"hold-{name}-{epoch}").unlink()
 
 
 def assert_complete_run(url: str, run_id: str, epochs: int) -> None:
@@ -102,16 +112,13 @@ def assert_complete_run(url: str, run_id: str, epochs: int) -> None:
 
 def test_server_stopped_mid_run_and_back_before_the_end_loses_nothing(server, tracked_repo):
     repo, env, holds = tracked_repo
-    (holds / "hold-srv-1").touch()
-    (holds / "hold-srv-3").touch()
-    proc = start_exp(repo, env, "srv")
-    wait_for(holds / "at-srv-1", proc)
+    proc = start_held(repo, env, holds, "srv", 1, 3)
     server.stop()
-    (holds / "hold-srv-1").unlink()
+    release(holds, "srv", 1)
     wait_for(holds / "at-srv-3", proc)  # epochs 2 and 3 trained with the server away
     assert pending_calls(repo) > 0
     server.start()
-    (holds / "hold-srv-3").unlink()
+    release(holds, "srv", 3)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     assert "Traceback" not in out and "wait in" not in out
@@ -123,11 +130,9 @@ def test_server_stopped_mid_run_and_back_before_the_end_loses_nothing(server, tr
 
 def test_server_down_until_after_the_run_then_sync_completes_it(server, tracked_repo):
     repo, env, holds = tracked_repo
-    (holds / "hold-down-1").touch()
-    proc = start_exp(repo, env, "down")
-    wait_for(holds / "at-down-1", proc)
+    proc = start_held(repo, env, holds, "down", 1)
     server.stop()
-    (holds / "hold-down-1").unlink()
+    release(holds, "down", 1)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
     # The DVC outputs are all there, and one line per stage says what waits and what to run.
@@ -157,12 +162,9 @@ def test_server_down_until_after_the_run_then_sync_completes_it(server, tracked_
 
 def test_a_run_stopped_by_sigterm_ends_killed_not_running(server, tracked_repo):
     repo, env, holds = tracked_repo
-    (holds / "hold-term-2").touch()
-    proc = start_exp(repo, env, "term")
-    wait_for(holds / "at-term-2", proc)
-    stage = int((holds / "at-term-2").read_text())
-    os.kill(stage, signal.SIGTERM)
-    (holds / "hold-term-2").unlink()
+    proc = start_held(repo, env, holds, "term", 2)
+    os.kill(int((holds / "at-term-2").read_text()), signal.SIGTERM)
+    release(holds, "term", 2)
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     [killed] = runs_of(server.url, "attributes.run_name = 'term'")
@@ -202,6 +204,11 @@ def team(tmp_path_factory):
     finally:
         cluster.stop()
         srv.stop()
+
+
+def start_study(team, study) -> subprocess.Popen:
+    return subprocess.Popen(study_command(team, study), cwd=team["repo"], env=team["env"],
+                            text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def study_command(team, study):
@@ -249,8 +256,7 @@ def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
 def test_a_worker_killed_mid_run_loses_nothing_and_leaves_no_process(team):
     holds, victim = team["holds"], "kill-baseline-s42"
     (holds / f"hold-{victim}-1").touch()
-    runner = subprocess.Popen(study_command(team, "kill"), cwd=team["repo"], env=team["env"],
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    runner = start_study(team, "kill")
     wait_for(holds / f"at-{victim}-1", runner)
     stage = psutil.Process(int((holds / f"at-{victim}-1").read_text()))
     group = os.getpgid(stage.pid)
@@ -283,13 +289,11 @@ def _in_group(proc: psutil.Process, group: int) -> bool:
 def test_a_runner_killed_and_started_again_trains_no_run_twice(team):
     holds, held = team["holds"], "restart-baseline-s42"
     (holds / f"hold-{held}-1").touch()
-    first = subprocess.Popen(study_command(team, "restart"), cwd=team["repo"], env=team["env"],
-                             text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    first = start_study(team, "restart")
     wait_for(holds / f"at-{held}-1", first)
     first.kill()  # the runner goes; the run it started goes on training on its worker
     first.communicate()
-    second = subprocess.Popen(study_command(team, "restart"), cwd=team["repo"], env=team["env"],
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    second = start_study(team, "restart")
     time.sleep(10)  # the second runner has submitted the held run again
     (holds / f"hold-{held}-1").unlink()
     out, _ = second.communicate(timeout=1800)

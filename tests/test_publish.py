@@ -10,7 +10,7 @@ import mlflow
 import pytest
 
 from fmnist_crnn import tracking
-from fmnist_crnn.study import publish
+from fmnist_crnn.study import catalog, publish
 
 from . import browser, services
 from .conftest import REPO
@@ -52,7 +52,7 @@ def test_records_become_finished_runs_equal_to_the_record(store):
         assert run.data.params["model.hidden_dim"] == str(record["params"]["model"]["hidden_dim"])
         assert run.data.params["model.channels"] == "[32, 64, 128]"
         assert run.data.params["split.limit"] == "null"
-        assert len(run.data.params) == len(publish.flatten(record["params"]))
+        assert len(run.data.params) == len(catalog.flatten(record["params"]))
         for key, values in record["history"].items():
             points = sorted(client.get_metric_history(run.info.run_id, key),
                             key=lambda m: m.step)

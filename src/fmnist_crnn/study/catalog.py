@@ -119,11 +119,12 @@ def run_overrides(variant: Variant, seed: int, study: str,
             "train.seed": seed, "tracking.study": study, "tracking.variant": variant.name}
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"hidden_dim": 128}}`` -> ``{"model.hidden_dim": 128}``, as runs log them."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -133,7 +134,7 @@ def baseline_resets(committed: dict[str, Any], workspace: dict[str, Any]) -> dic
     """The ``-S`` overrides that put ``workspace`` params back to ``committed`` ones: every key
     whose value differs (a recipe run in the workspace leaves its values in params.yaml), so a
     variant or recipe is built on the committed baseline, whatever the last command left."""
-    old, new = _flat(committed), _flat(workspace)
+    old, new = flatten(committed), flatten(workspace)
     return {key: value for key, value in old.items() if new.get(key, object()) != value}
 
 

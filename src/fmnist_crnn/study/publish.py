@@ -19,23 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_crnn import tracking
+from fmnist_crnn.study.catalog import flatten
 from fmnist_crnn.study.records import PLAN_FILE
 
 # A record's summary metrics, logged at step 0 under the names the stages log them.
 SUMMARY = ("test_accuracy", "test_accuracy_without_tta", "test_loss", "test_macro_f1",
            "best_val_acc", "best_epoch", "params_count", "train_seconds",
            "seconds_to_val_acc_90", "seconds_to_val_acc_93")
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"hidden_dim": 128}}`` -> ``{"model.hidden_dim": 128}``, as runs log them."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def record_files(out_dir: Path, studies: list[str] | None = None) -> list[Path]:
