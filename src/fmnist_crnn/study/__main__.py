@@ -131,6 +131,27 @@ def run_study(args: argparse.Namespace) -> Path:
     return path
 
 
+def publish_records(args: argparse.Namespace) -> None:
+    """`publish`: the committed records in the store, and the link to the study's curves."""
+    from fmnist_crnn import tracking
+    from fmnist_crnn.config import load_params
+
+    experiment = load_params("params.yaml").tracking.experiment_name
+    done = publish.publish(Path(args.out), experiment, args.study)
+    print(f"{sum(done.values())} committed run record(s) in {tracking.tracking_uri()}: "
+          f"{done['added']} added, {done['replaced']} replaced, {done['unchanged']} "
+          "unchanged (tagged imported=true; in the UI's search box: tags.imported = "
+          "'true', or tags.study = 'ablation')")
+    study_id = (args.study or ["ablation"])[0]
+    experiment_id, runs = tracking.imported_runs(experiment, study_id)
+    first = sorted(runs)[:1]
+    if first:  # one seed of every variant: the study's comparison in one click
+        seed = first[0].rsplit("-s", 1)[-1]
+        ids = [i for name, i in sorted(runs.items()) if name.endswith(f"-s{seed}")]
+        print(f"{study_id}, seed {seed}, validation accuracy per epoch (`make ui`): "
+              + publish.curves_url(args.ui, experiment_id, ids))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fmnist_crnn.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -186,24 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "collect":
             collect(args.study, Path(args.out))
         elif args.command == "publish":
-            from fmnist_crnn import tracking
-            from fmnist_crnn.config import load_params
-
-            done = publish.publish(Path(args.out), load_params("params.yaml").tracking
-                                   .experiment_name, args.study)
-            experiment = load_params("params.yaml").tracking.experiment_name
-            print(f"{sum(done.values())} committed run record(s) in {tracking.tracking_uri()}: "
-                  f"{done['added']} added, {done['replaced']} replaced, {done['unchanged']} "
-                  "unchanged (tagged imported=true; in the UI's search box: tags.imported = "
-                  "'true', or tags.study = 'ablation')")
-            study_id = (args.study or ["ablation"])[0]
-            experiment_id, runs = tracking.imported_runs(experiment, study_id)
-            first = sorted(runs)[:1]
-            if first:  # one seed of every variant: the study's comparison in one click
-                seed = first[0].rsplit("-s", 1)[-1]
-                ids = [i for name, i in sorted(runs.items()) if name.endswith(f"-s{seed}")]
-                print(f"{study_id}, seed {seed}, validation accuracy per epoch (`make ui`): "
-                      + publish.curves_url(args.ui, experiment_id, ids))
+            publish_records(args)
         elif args.command == "compare":
             comparison.compare(args.study, Path(args.out))
         elif args.command == "recipe":
