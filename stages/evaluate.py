@@ -3,10 +3,13 @@
 from pathlib import Path
 
 from fmnist_crnn import cli
+from fmnist_crnn.config import to_flat_dict
 from fmnist_crnn.runs.evaluation import run_evaluation
 
-# The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("train", "evaluate", "tracking")
+# The params.yaml keys (or whole sections) this stage reads; dvc.yaml lists the same, and
+# reading any other key stops the stage (cli.run; tests check both).
+PARAMS = ("train.batch_size", "train.device", "evaluate", "tracking.registered_model_name",
+          "tracking.champion_alias")
 
 
 def main(args, params) -> None:
@@ -15,9 +18,10 @@ def main(args, params) -> None:
         per_class_path=Path(args.per_class),
         predictions_path=Path(args.predictions), confusion_path=Path(args.confusion),
         batch_size=params.train.batch_size,
-        tracking_cfg=params.tracking, device_name=params.train.device,
+        registered_model_name=params.tracking.registered_model_name,
+        champion_alias=params.tracking.champion_alias, device_name=params.train.device,
         tta_hflip=params.evaluate.tta_hflip,
-        tta_shift=params.evaluate.tta_shift,
+        tta_shift=params.evaluate.tta_shift, record=to_flat_dict(params),
     )
 
 
@@ -31,4 +35,4 @@ if __name__ == "__main__":
                    help="output: per-class precision/recall/F1 (JSON)")
     p.add_argument("--predictions", required=True, help="output: actual,predicted (CSV)")
     p.add_argument("--confusion", required=True, help="output: confusion matrix (JSON)")
-    cli.run(main, p, SECTIONS)
+    cli.run(main, p, PARAMS)

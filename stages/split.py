@@ -4,8 +4,9 @@ from pathlib import Path
 
 from fmnist_crnn import cli, data
 
-# The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("split",)
+# The params.yaml keys (or whole sections) this stage reads; dvc.yaml lists the same, and
+# reading any other key stops the stage (cli.run; tests check both).
+PARAMS = ("split",)
 
 
 def main(args, params) -> None:
@@ -17,4 +18,4 @@ if __name__ == "__main__":
     p = cli.parser(__doc__)
     p.add_argument("--raw", required=True, help="folder with the IDX files")
     p.add_argument("--out", required=True, help="folder for train.pt, val.pt, test.pt")
-    cli.run(main, p, SECTIONS)
+    cli.run(main, p, PARAMS)

@@ -4,10 +4,13 @@ import sys
 from pathlib import Path
 
 from fmnist_crnn import cli, distributed
+from fmnist_crnn.config import load_params, to_flat_dict
 from fmnist_crnn.runs.training import run_training
 
-# The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("data", "split", "model", "train", "augment", "tracking")
+# The params.yaml keys (or whole sections) this stage reads; dvc.yaml lists the same, and
+# reading any other key stops the stage (cli.run; tests check both).
+PARAMS = ("model", "train", "augment", "tracking.experiment_name", "tracking.log_model",
+          "tracking.study", "tracking.variant")
 
 
 def main(args, params) -> None:
@@ -19,6 +22,9 @@ def main(args, params) -> None:
         checkpoint_path=Path(args.checkpoint), metrics_path=Path(args.metrics),
         history_path=Path(args.history), run_path=Path(args.run),
         environment_path=Path(args.environment),
+        # The run's record: every value of params.yaml as training starts. Logged, not read:
+        # a key this stage does not declare does not re-run it.
+        record=to_flat_dict(load_params(args.params)),
     )
     if distributed.from_env().is_main and result.best_val_acc >= 0:
         print(f"best validation accuracy {result.best_val_acc:.2%} at epoch "
@@ -37,4 +43,4 @@ if __name__ == "__main__":
     p.add_argument("--run", required=True, help="output: the MLflow run id (JSON)")
     p.add_argument("--environment", required=True,
                    help="output: CPU, ISA, threads and versions the run used (JSON)")
-    cli.run(main, p, SECTIONS)
+    cli.run(main, p, PARAMS)

@@ -15,8 +15,9 @@ from fmnist_crnn.distributed import select_device
 from fmnist_crnn.files import atomic_write_text
 from fmnist_crnn.model import CRNN
 
-# The params.yaml sections this stage reads; dvc.yaml lists the same (tests check it).
-SECTIONS = ("data", "split", "model", "train", "augment", "evaluate", "tracking", "report")
+# The params.yaml keys (or whole sections) this stage reads; dvc.yaml lists the same, and
+# reading any other key stops the stage (cli.run; tests check both).
+PARAMS = ("data", "split", "model", "train", "augment", "evaluate", "tracking", "report")
 MARKER = "params.yaml passed validation\n"  # constant: downstream stages never rerun for it
 
 
@@ -29,4 +30,4 @@ def main(args, params) -> None:
 if __name__ == "__main__":
     p = cli.parser(__doc__)
     p.add_argument("--out", required=True, help="output: a marker that later stages depend on")
-    cli.run(main, p, SECTIONS)
+    cli.run(main, p, PARAMS)

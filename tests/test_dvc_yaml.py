@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fmnist_crnn.cli import SectionView
-from fmnist_crnn.config import load_params
+from fmnist_crnn.config import SECTIONS, DeclaredParams, load_params, to_flat_dict
+from fmnist_crnn.errors import ConfigError
 
 from .conftest import REPO
 
@@ -36,8 +36,19 @@ def test_pipeline_order():
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-def test_params_sections_match_what_the_stage_reads(stage):
-    assert set(stage_module(stage).SECTIONS) == declared(stage, "params")
+def test_params_match_what_the_stage_declares(stage):
+    assert set(stage_module(stage).PARAMS) == declared(stage, "params")
+
+
+def test_every_key_of_params_yaml_is_read_by_a_stage_after_validate():
+    """A key no stage reads would change nothing; validate reads them all to check them."""
+    written = yaml.safe_load((REPO / "params.yaml").read_text())
+    read = set()
+    for stage in list(STAGES)[1:]:
+        for entry in stage_module(stage).PARAMS:
+            read |= {entry} if "." in entry else {f"{entry}.{key}" for key in written[entry]}
+    assert {f"{section}.{key}" for section, values in written.items() for key in values} <= read
+    assert set(stage_module("validate").PARAMS) == set(SECTIONS)
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -139,11 +150,20 @@ def test_metrics_are_small_json_files_outside_the_cache(stage):
         assert options == {"cache": False}
 
 
-def test_section_view_refuses_undeclared_sections():
-    view = SectionView(load_params(REPO / "params.yaml"), ("split",))
-    assert view.split.val_fraction == 0.3
-    with pytest.raises(AttributeError, match="declares only"):
+def test_declared_params_refuse_undeclared_sections_and_keys():
+    view = DeclaredParams(load_params(REPO / "params.yaml"), ("split", "tracking.study"))
+    assert view.split.val_fraction == 0.3 and view.tracking.study is None
+    with pytest.raises(AttributeError, match="section 'model' but declares only"):
         _ = view.model
+    with pytest.raises(AttributeError, match="key 'tracking.champion_alias' but declares only"):
+        _ = view.tracking.champion_alias
+    assert set(to_flat_dict(view)) == {"split.val_fraction", "split.stratify", "split.seed",
+                                       "split.limit", "tracking.study"}
+
+
+def test_a_declared_key_that_does_not_exist_is_an_error():
+    with pytest.raises(ConfigError, match="'tracking.alias'.*champion_alias"):
+        DeclaredParams(load_params(REPO / "params.yaml"), ("tracking.alias",))
 
 
 def test_dvc_confusion_plot_has_the_png_orientation():

@@ -261,6 +261,75 @@ def test_second_repro_does_nothing(pipeline):
     assert "up to date" in run([*DVC, "status"], repo, env)
 
 
+# A changed key and the stages whose params `dvc status` then reports changed. validate reads
+# every key (to check it) and writes a constant marker, so it is in each row and re-runs
+# nothing after it; the other stages are those that read the key (dvc.yaml lists per stage
+# the keys it reads, and the stage refuses to read any other).
+RERUNS = {
+    "data.timeout_s": {"download"},
+    "data.mirror": {"download"},
+    "split.seed": {"split", "report"},
+    "model.hidden_dim": {"train", "report"},
+    "train.lr": {"train", "report"},
+    "train.batch_size": {"train", "evaluate", "report"},
+    "augment.erasing": {"train", "report"},
+    "evaluate.tta_shift": {"evaluate", "report"},
+    "tracking.experiment_name": {"train"},
+    "tracking.study": {"train"},
+    "tracking.champion_alias": {"evaluate"},
+    "tracking.registered_model_name": {"evaluate"},
+    "report.mistakes": {"report"},
+}
+NEW_VALUES = {"data.timeout_s": 60, "data.mirror": "http://mirror.invalid/", "split.seed": 7,
+              "model.hidden_dim": 64, "train.lr": 0.002, "train.batch_size": 32,
+              "augment.erasing": 0.5, "evaluate.tta_shift": 1,
+              "tracking.experiment_name": "other", "tracking.study": "s1",
+              "tracking.champion_alias": "best", "tracking.registered_model_name": "other",
+              "report.mistakes": 8}
+
+
+def set_param(repo, key, value):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    section, name = key.split(".")
+    params[section][name] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stages_with_changed_params(repo, env):
+    status = json.loads(run([*DVC, "status", "--json"], repo, env))
+    return {stage for stage, changes in status.items() for change in changes
+            if isinstance(change, dict) and "params.yaml" in change.get("changed deps", {})}
+
+
+def test_a_changed_key_reruns_exactly_the_stages_that_read_it(pipeline):
+    repo, env, _ = pipeline
+    original = (repo / "params.yaml").read_text()
+    assert stages_with_changed_params(repo, env) == set()
+    seen = {}
+    for key, value in NEW_VALUES.items():
+        set_param(repo, key, value)
+        seen[key] = stages_with_changed_params(repo, env) - {"validate"}
+        assert "validate" in stages_with_changed_params(repo, env)
+        (repo / "params.yaml").write_text(original)
+    assert seen == RERUNS
+
+    # Through `dvc repro`: a new network timeout re-runs the download, whose output is
+    # identical, so nothing after it runs; a new report setting re-runs the report alone,
+    # and its value reaches the training's MLflow run as a tag (params cannot change).
+    set_param(repo, "data.timeout_s", 60)
+    set_param(repo, "report.mistakes", 8)
+    out = run([*DVC, "repro"], repo, env)
+    ran = set(re.findall(r"Running stage '(\w+)'", out))
+    assert ran == {"validate", "download", "report"}, out
+    run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    logged = mlflow.MlflowClient().get_run(run_id).data
+    assert logged.params["report.mistakes"] == "16" and logged.tags["changed.report.mistakes"] == "8"
+    (repo / "params.yaml").write_text(original)
+    run([*DVC, "repro"], repo, env)
+    assert "up to date" in run([*DVC, "status"], repo, env)
+
+
 def test_experiment_variant_is_one_command_and_comparable(pipeline):
     repo, env, _ = pipeline
     run(["git", "add", "-A"], repo, env)

@@ -296,8 +296,9 @@ def section_from_dict(name: str, raw: Any) -> Any:
     return cls(**values)
 
 
-def to_dict(params: Params) -> dict[str, dict[str, Any]]:
-    """Sections as plain dicts (lists for tuples); a stage's SectionView gives its sections."""
+def to_dict(params: Params | DeclaredParams) -> dict[str, dict[str, Any]]:
+    """Sections as plain dicts (lists for tuples); a stage's DeclaredParams gives only the
+    keys it declared."""
     out = {}
     for name in SECTIONS:
         try:
@@ -310,14 +311,77 @@ def to_dict(params: Params) -> dict[str, dict[str, Any]]:
 
 def section_dict(section: Any) -> dict[str, Any]:
     """One section as a plain dict, as params.yaml writes it (lists, not tuples)."""
-    return {k: list(v) if isinstance(v, tuple) else v
-            for k, v in dataclasses.asdict(section).items()}
+    values = section.as_dict() if isinstance(section, DeclaredSection) else \
+        dataclasses.asdict(section)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
 
 
-def to_flat_dict(params: Params) -> dict[str, Any]:
+def to_flat_dict(params: Params | DeclaredParams) -> dict[str, Any]:
     """Dotted keys as in params.yaml (``model.hidden_dim``), the names MLflow and DVC show."""
     return {f"{section}.{key}": value
             for section, values in to_dict(params).items() for key, value in values.items()}
+
+
+class DeclaredParams:
+    """The params.yaml keys a stage declared, whole sections (``model``) or single keys
+    (``tracking.champion_alias``); reading any other key is an error.
+
+    dvc.yaml must list every key a stage reads, or changing it would not re-run the stage; a
+    key listed but not read re-runs the stage for nothing. Each stage declares its keys, this
+    view enforces them at run time, and a test checks the declarations against dvc.yaml.
+    """
+
+    def __init__(self, params: Params, declared: tuple[str, ...]) -> None:
+        self._params = params
+        self._keys: dict[str, tuple[str, ...] | None] = {}  # None: the whole section
+        for entry in declared:
+            section, _, key = entry.partition(".")
+            if section not in SECTIONS:
+                raise ConfigError(f"declared params key '{entry}': no section '{section}'")
+            if not key:
+                self._keys[section] = None
+                continue
+            known = [f.name for f in dataclasses.fields(SECTIONS[section])]
+            if key not in known:
+                raise ConfigError(f"declared params key '{entry}': known keys of '{section}' "
+                                  f"are {known}")
+            if self._keys.get(section, ()) is not None:
+                self._keys[section] = (*self._keys.get(section, ()), key)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name not in self._keys:
+            raise AttributeError(f"this stage reads params section '{name}' but declares only "
+                                 f"{self.declared()}; declare it and list it in dvc.yaml")
+        section = getattr(self._params, name)
+        keys = self._keys[name]
+        return section if keys is None else DeclaredSection(name, section, keys)
+
+    def declared(self) -> list[str]:
+        return [s if keys is None else f"{s}.{k}"
+                for s, keys in self._keys.items() for k in (keys or (None,))]
+
+
+class DeclaredSection:
+    """The declared keys of one section (see DeclaredParams)."""
+
+    def __init__(self, name: str, section: Any, keys: tuple[str, ...]) -> None:
+        self._name, self._section, self._keys = name, section, keys
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        if key not in self._keys:
+            raise AttributeError(
+                f"this stage reads params key '{self._name}.{key}' but declares only "
+                f"{[f'{self._name}.{k}' for k in self._keys]} of that section; declare it and "
+                "list it in dvc.yaml")
+        return getattr(self._section, key)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self._section, f.name)
+                for f in dataclasses.fields(self._section) if f.name in self._keys}
 
 
 def model_config_from_dict(raw: dict[str, Any]) -> ModelConfig:

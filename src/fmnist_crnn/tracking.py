@@ -262,7 +262,7 @@ class _Sender:
 
 
 @contextlib.contextmanager
-def start_run(experiment_name: str, run_id: str | None = None,
+def start_run(experiment_name: str | None, run_id: str | None = None,
               tags: Mapping[str, str] | None = None) -> Iterator[TrackedRun]:
     """Create a run (or continue ``run_id``) and journal every call made inside; the run ends
     FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED (any other error).
@@ -270,7 +270,8 @@ def start_run(experiment_name: str, run_id: str | None = None,
     Creating a run needs the store to answer: a store that is down or refuses the credentials
     stops the stage at once, naming it. Continuing a run whose journal is in this repository
     (evaluate and report after train) does not: its calls wait in the journal. When launched
-    by ``mlflow run``, MLFLOW_RUN_ID names the run to log into.
+    by ``mlflow run``, MLFLOW_RUN_ID names the run to log into. ``experiment_name`` is
+    needed only to create a run.
     """
     global _active
     root = repo_root()
@@ -311,23 +312,28 @@ def start_run(experiment_name: str, run_id: str | None = None,
                   "fmnist_crnn.tracking sync`", file=sys.stderr, flush=True)
 
 
-def _open_on_store(root: Path, experiment_name: str, run_id: str | None,
+def _open_on_store(root: Path, experiment_name: str | None, run_id: str | None,
                    tags: Mapping[str, str] | None) -> Journal:
     """Create the run on the store (or find ``run_id`` there) and its journal."""
     import mlflow
 
-    experiment_id = configure(experiment_name)
-    uri = mlflow.get_tracking_uri()
-    client = mlflow.MlflowClient(uri)
     if run_id is None:
         from mlflow.tracking.context.registry import resolve_tags
 
+        if experiment_name is None:
+            raise TypeError("a new run needs an experiment name")
+        experiment_id = configure(experiment_name)
+        uri = mlflow.get_tracking_uri()
+        client = mlflow.MlflowClient(uri)
         all_tags = resolve_tags({**run_tags(), **(tags or {})})
         run = _with_retries(uri, lambda: client.create_run(
             experiment_id, run_name=os.environ.get("DVC_EXP_NAME"), tags=all_tags))
         return Journal.create(root, run.info.run_id, {"tracking_uri": uri,
                                                       "experiment_id": experiment_id,
                                                       "logged_params": {}})
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or default_tracking_uri()
+    use_store(uri)
+    client = mlflow.MlflowClient(uri)
     try:
         run = client.get_run(run_id)
     except mlflow.exceptions.MlflowException:

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from fmnist_crnn import data, plots, tracking
-from fmnist_crnn.config import TrackingConfig
 from fmnist_crnn.distributed import select_device
 from fmnist_crnn.evaluate import (
     accuracy,
@@ -31,15 +31,19 @@ def run_evaluation(
     predictions_path: Path,
     confusion_path: Path,
     batch_size: int,
-    tracking_cfg: TrackingConfig,
+    registered_model_name: str | None,
+    champion_alias: str = "champion",
     device_name: str = "auto",
     tta_hflip: bool = False,
     tta_shift: int = 0,
+    record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage: the test set, once; metrics to files and to the training's run.
 
     With ``tta_hflip`` or ``tta_shift`` the headline metrics average test-time views;
     ``accuracy_without_tta`` (same model, same pass over the test set) shows what they add.
+    ``record``: the params this evaluation read; a value that differs from the training's
+    becomes a ``changed.<key>`` tag of the run.
     """
     device = select_device(device_name)
     model = load_model(model_path, device)
@@ -53,7 +57,9 @@ def run_evaluation(
     cm = confusion(logits, labels)
 
     run_info = json.loads(Path(run_path).read_text())
-    with tracking.start_run(tracking_cfg.experiment_name, run_id=run_info["run_id"]):
+    with tracking.start_run(None, run_id=run_info["run_id"]):
+        if record:
+            tracking.log_missing_params(record)
         tracking.log_metrics({f"test_{k}": v for k, v in metrics.items() if k != "per_class"})
         tracking.log_metrics({
             f"test_{metric}_{_slug(name)}": values[metric]
@@ -65,10 +71,10 @@ def run_evaluation(
         tracking.log_confusion_matrix(
             plots.confusion_figure(cm, list(data.CLASS_NAMES), title="test confusion matrix"),
             cm, list(data.CLASS_NAMES), "test")
-        if tracking_cfg.registered_model_name and run_info.get("model_uri"):
+        if registered_model_name and run_info.get("model_uri"):
             tracking.register_and_promote(
-                run_info["model_uri"], tracking_cfg.registered_model_name,
-                tracking_cfg.champion_alias, metrics["accuracy"])
+                run_info["model_uri"], registered_model_name, champion_alias,
+                metrics["accuracy"])
 
     confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
     # One row per test image, in order; DVC's confusion plot reads actual/predicted, the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,9 +28,9 @@ from fmnist_crnn.train import Dataset, FitResult, fit
 
 
 def fingerprint(params: Params, data_digest: str) -> str:
-    """Identifies what a checkpoint was trained on and with, so only a matching run resumes."""
-    relevant = {k: v for k, v in to_dict(params).items()
-                if k in ("split", "model", "train", "augment")}
+    """Identifies what a checkpoint was trained on and with, so only a matching run resumes.
+    The data digest stands for the split's parameters."""
+    relevant = {k: v for k, v in to_dict(params).items() if k in ("model", "train", "augment")}
     payload = json.dumps({"params": relevant, "data": data_digest}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -69,11 +70,13 @@ def run_training(
     history_path: Path,
     run_path: Path,
     environment_path: Path | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> FitResult:
     """The train stage: fit, track in MLflow, and write the stage's outputs.
 
     Under torchrun the other processes only train: the main one (rank 0) alone decides
-    whether to resume, talks to MLflow and writes every output.
+    whether to resume, talks to MLflow and writes every output. ``record``: the values logged
+    as the run's params (default: those of ``params``).
     """
     ctx = distributed.from_env()
     distributed.setup(ctx, select_device(params.train.device))
@@ -98,7 +101,7 @@ def run_training(
                             run_id=resume["run_id"] if resume else None,
                             tags=study_tags) as run:
         if resume is None:
-            tracking.log_params(to_flat_dict(params))
+            tracking.log_params(to_flat_dict(params) if record is None else record)
             for name, context in (("train", "training"), ("val", "validation")):
                 tracking.log_dataset(f"fashion-mnist-{name}", digests[name],
                                      str(split_dir / f"{name}.pt"), context)
