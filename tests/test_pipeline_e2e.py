@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -324,7 +325,8 @@ def test_a_changed_key_reruns_exactly_the_stages_that_read_it(pipeline):
     run_id = json.loads((repo / "models/mlflow_run.json").read_text())["run_id"]
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     logged = mlflow.MlflowClient().get_run(run_id).data
-    assert logged.params["report.mistakes"] == "16" and logged.tags["changed.report.mistakes"] == "8"
+    assert logged.params["report.mistakes"] == "16"
+    assert logged.tags["changed.report.mistakes"] == "8"
     (repo / "params.yaml").write_text(original)
     run([*DVC, "repro"], repo, env)
     assert "up to date" in run([*DVC, "status"], repo, env)
@@ -471,3 +473,25 @@ def test_a_bad_value_through_dvc_exp_run_changes_no_output(pipeline):
     assert run(["git", "status", "--porcelain"], repo, env) == ""
     assert "up to date" in run([*DVC, "status"], repo, env)
     assert {p: (repo / p).read_bytes() for p in outputs} == before
+
+
+def test_a_failed_download_keeps_the_raw_data(pipeline, tmp_path):
+    """DVC deletes a stage's outputs before running it unless they persist: data/raw does,
+    and the stage replaces it only when all four files verify."""
+    repo, env, _ = pipeline
+    raw = {p.name: p.read_bytes() for p in (repo / "data/raw").iterdir()}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    source = Path(os.environ.get(ENV_DIR) or DEBIAN_DIR)
+    for file in source.iterdir():
+        shutil.copy(file, bad / file.name)
+    [labels] = bad.glob("t10k-labels-idx1-ubyte*")
+    content = bytearray(labels.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    labels.write_bytes(bytes(content))
+    proc = subprocess.run([*DVC, "repro", "-f", "download"], cwd=repo,
+                          env={**env, ENV_DIR: str(bad)}, capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert str(labels) in proc.stdout + proc.stderr
+    assert {p.name: p.read_bytes() for p in (repo / "data/raw").iterdir()} == raw
+    assert "up to date" in run([*DVC, "status"], repo, env)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
-import shutil
 import tempfile
 import urllib.error
 import urllib.request
@@ -76,7 +75,8 @@ def fetch_raw(cfg: DataConfig, out_dir: Path, sources: list[str] | None = None,
     A source that lacks a file is skipped; a source whose file exists but is truncated or
     corrupted is an error (silently falling back would hide a damaged copy). Files are first
     written to a temporary folder beside ``out_dir``, which replaces it only when all four
-    verify, so a failure leaves the previous ``out_dir`` untouched.
+    verify, so a failure leaves the previous ``out_dir`` untouched (dvc.yaml marks it
+    ``persist``, so DVC does not delete it before the stage runs either).
     """
     sources = candidate_sources(cfg) if sources is None else sources
     out_dir = Path(out_dir)
@@ -91,8 +91,9 @@ def fetch_raw(cfg: DataConfig, out_dir: Path, sources: list[str] | None = None,
         staged.mkdir()
         for raw in files:
             (Path(tmp) / raw.name).rename(staged / raw.name)
+        old = Path(tmp) / "old"
         if out_dir.exists():
-            shutil.rmtree(out_dir)
+            out_dir.rename(old)  # removed with the temporary folder
         staged.rename(out_dir)
     return used
 
