@@ -77,26 +77,43 @@ def test_recipes_are_valid_params_under_the_parameter_budget(name):
 
 
 def test_the_full_training_set_recipe_is_the_recipe_without_validation():
-    assert study.RECIPES["best-all"] == {**study.RECIPES["best-bf16"], "split.val_fraction": 0}
-    # Every named recipe runs as a study variant too (`make best-all-seeds`).
-    assert study.ALL_VARIANTS["best-all"].overrides == study.RECIPES["best-all"]
-    assert study.ALL_VARIANTS["fast"].overrides == study.RECIPES["fast"]
-    # A study of `best` (`make best-fp32-seeds`) runs the recipe, not the ladder's step.
-    assert study.ALL_VARIANTS["best"].overrides == study.RECIPES["best"]
+    assert study.RECIPES["best-60k"] == {**study.RECIPES["best"], "split.val_fraction": 0}
+    # Every named recipe runs as a study variant too (`make seeds RECIPE=best-60k`), and a
+    # named recipe never shares its name with a ladder step or an ablation variant.
+    for name in study.RECIPES:
+        assert study.ALL_VARIANTS[name].overrides == study.RECIPES[name]
+    assert not set(study.RECIPES) & (set(study.RECIPE_VARIANTS) | set(study.VARIANTS))
 
 
-def test_the_headline_recipe_trains_as_best_bf16_and_scores_ten_views():
-    # `make best-seeds` retrains best-bf16's models: only the evaluate stage differs.
-    assert study.RECIPES["best-tta"] == {**study.RECIPES["best-bf16"], "evaluate.tta_shift": 1}
-    assert study.RECIPES["best-tta"]["evaluate.tta_hflip"] is True
-    # make best: the same training, validated each epoch under the autocast.
-    assert study.RECIPES["best-bf16val"] == {**study.RECIPES["best-tta"],
-                                             "train.amp_validation": True}
+def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
+    ladder = study.scale_to_epochs(study.RECIPE, 60)
+    assert study.RECIPES["best"] == {**ladder, "train.epochs": 60, "train.amp": True,
+                                     "train.amp_validation": True, "evaluate.tta_shift": 1}
+    assert study.RECIPES["best"]["evaluate.tta_hflip"] is True
+    # The archive's steps to it: the same training validated in float32, then scored on 10
+    # views, differs from the recipe only in the per-epoch validation's precision.
+    assert study.RECIPES["bf16-60ep-tta10"] == {**study.RECIPES["bf16-60ep"],
+                                                "evaluate.tta_shift": 1}
+    assert study.RECIPES["best"] == {**study.RECIPES["bf16-60ep-tta10"],
+                                     "train.amp_validation": True}
+
+
+def test_the_archived_records_match_their_recipes():
+    """Each recipe's records (reports/study/runs/<recipe>/) were planned with its overrides."""
+    runs = REPO / "reports" / "study" / "runs"
+    for name, overrides in study.RECIPES.items():
+        plan = runs / name / "plan.json"
+        if not plan.exists():
+            continue
+        for entry in json.loads(plan.read_text())["runs"].values():
+            planned = {k: v for k, v in entry["overrides"].items()
+                       if k not in ("train.seed", "tracking.study", "tracking.variant")}
+            assert planned == overrides, name
 
 
 def test_a_ladder_study_scales_the_recipe_warmup_from_its_own_epochs():
-    best = study.ALL_VARIANTS["best"]
-    runs = study.run_overrides(best, 42, "ingredients-6ep", {"train.epochs": 6})
+    last = study.ALL_VARIANTS["ema-clip"]
+    runs = study.run_overrides(last, 42, "ingredients-6ep", {"train.epochs": 6})
     assert runs["train.epochs"] == 6
     share = study.RECIPES["best"]["train.warmup_epochs"] / study.RECIPES["best"]["train.epochs"]
     assert runs["train.warmup_epochs"] == pytest.approx(share * 6)
@@ -111,11 +128,11 @@ def test_shorter_ladders_keep_the_warmup_share():
 
 def test_tta_runs_get_a_row_without_tta_just_above():
     records = [record("baseline", s, 0.89) for s in (1, 2)]
-    records += [{**record("best", s, a), "test_accuracy_without_tta": a - 0.002}
+    records += [{**record("ema-clip", s, a), "test_accuracy_without_tta": a - 0.002}
                 for s, a in ((1, 0.93), (2, 0.932))]
     lines, summary = study.comparison_table(records)
     names = [s["variant"] for s in summary]
-    assert names == ["baseline", "best (no TTA)", "best"]
+    assert names == ["baseline", "ema-clip (no TTA)", "ema-clip"]
     assert summary[2]["delta_vs_row_above"] == pytest.approx(0.2)
     assert summary[1]["delta_vs_row_above"] == pytest.approx(3.9)
     # A ladder reads row by row: the step column is there, one cell per header cell.

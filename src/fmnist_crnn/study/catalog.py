@@ -42,7 +42,7 @@ def load_ladder() -> tuple[int, dict[str, Variant]]:
 
 VARIANTS = load_variants()
 RECIPE_EPOCHS, RECIPE_VARIANTS = load_ladder()
-RECIPE = RECIPE_VARIANTS["best"].overrides
+RECIPE = RECIPE_VARIANTS["ema-clip"].overrides  # the ladder's last step
 
 
 def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, Any]:
@@ -53,13 +53,14 @@ def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, 
     return {**overrides, "train.warmup_epochs": round(share * epochs, 3)}
 
 
-def _recipes() -> dict[str, dict[str, Any]]:
+def _recipes(section: str, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Named recipes: a ladder step, optionally on another epoch count, plus overrides; or
-    another named recipe (``recipe:``, defined above it) plus overrides."""
-    recipes = {}
-    for name, spec in _load("recipes.yaml")["recipes"].items():
+    another named recipe (``recipe:``, defined above it or in ``known``) plus overrides."""
+    recipes: dict[str, dict[str, Any]] = {}
+    for name, spec in _load("recipes.yaml")[section].items():
         if "recipe" in spec:
-            recipes[name] = {**recipes[spec["recipe"]], **(spec.get("overrides") or {})}
+            base = {**known, **recipes}[spec["recipe"]]
+            recipes[name] = {**base, **(spec.get("overrides") or {})}
             continue
         overrides = RECIPE_VARIANTS[spec["step"]].overrides
         if spec.get("epochs"):
@@ -69,15 +70,17 @@ def _recipes() -> dict[str, dict[str, Any]]:
     return recipes
 
 
-RECIPES = _recipes()
-# Everything a study can run: the ablations, the ladder's steps and the named recipes (a study
-# of `best-bf16`, `fast` or `best-all` runs them on several seeds). A named recipe wins over
-# the ladder step of the same name, so a study of `best` runs the recipe `best`; a study of
-# the ladder sets one epoch count for all its steps (`make ingredients EPOCHS=...`).
+# The current recipes (best, fast, best-60k), then the archive of earlier steps: both run as
+# `recipe NAME` and as study variants (`make seeds RECIPE=NAME`).
+CURRENT_RECIPES = _recipes("recipes", {})
+RECIPES = {**CURRENT_RECIPES, **_recipes("archive", CURRENT_RECIPES)}
+# Everything a study can run: the ablations, the ladder's steps and the named recipes; a study
+# of the ladder sets one epoch count for all its steps (`make ingredients EPOCHS=...`).
 ALL_VARIANTS = {**VARIANTS, **RECIPE_VARIANTS,
-                **{name: Variant(name, RECIPE_VARIANTS[name].change
-                                 if name in RECIPE_VARIANTS else f"recipe `{name}`", overrides)
+                **{name: Variant(name, f"recipe `{name}`", overrides)
                    for name, overrides in RECIPES.items()}}
+assert len(ALL_VARIANTS) == len(VARIANTS) + len(RECIPE_VARIANTS) + len(RECIPES), \
+    "a recipe, a ladder step and an ablation variant must not share a name"
 
 
 def override_args(overrides: dict[str, Any]) -> list[str]:
