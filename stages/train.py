@@ -21,7 +21,7 @@ def main(args, params) -> None:
         params, Path(args.split), model_path=Path(args.model),
         checkpoint_path=Path(args.checkpoint), metrics_path=Path(args.metrics),
         history_path=Path(args.history), run_path=Path(args.run),
-        environment_path=Path(args.environment),
+        environment_path=Path(args.environment), live_path=Path(args.live),
         # The run's record: every value of params.yaml as training starts. Logged, not read:
         # a key this stage does not declare does not re-run it.
         record=to_flat_dict(load_params(args.params)),
@@ -41,6 +41,8 @@ if __name__ == "__main__":
     p.add_argument("--metrics", required=True, help="output: training metrics (JSON)")
     p.add_argument("--history", required=True, help="output: per-epoch metrics (CSV)")
     p.add_argument("--run", required=True, help="output: the MLflow run id (JSON)")
+    p.add_argument("--live", required=True,
+                   help="output: DVCLive's folder, each epoch's metrics as the epoch ends")
     p.add_argument("--environment", required=True,
                    help="output: CPU, ISA, threads and versions the run used (JSON)")
     cli.run(main, p, PARAMS)

@@ -20,7 +20,7 @@ from .conftest import REPO, idx_bytes, synthetic_arrays
 
 TRAIN_ARGS = ["--split", "split", "--model", "model.pt", "--checkpoint", "last.pt",
               "--metrics", "train.json", "--history", "history.csv", "--run", "run.json",
-              "--environment", "environment.json"]
+              "--environment", "environment.json", "--live", "live"]
 
 
 def write_params(folder, **overrides):
@@ -96,6 +96,11 @@ def test_interrupted_training_resumes_to_the_uninterrupted_result(training_dir):
     a = torch.load(whole / "model.pt", weights_only=True)["state_dict"]
     b = torch.load(broken / "model.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # DVCLive's files hold every epoch once, the ones resumed from included, and the same
+    # values as the uninterrupted run's.
+    tsv = lambda p: (p / "live/plots/metrics/val_acc.tsv").read_text().splitlines()  # noqa: E731
+    assert [row.split("\t")[0] for row in tsv(broken)] == ["step", "1", "2", "3", "4"]
+    assert tsv(broken) == tsv(whole)
     strip = lambda p: {k: v for k, v in json.loads(p.read_text()).items()  # noqa: E731
                        if k != "train_seconds"}
     assert strip(whole / "train.json") == strip(broken / "train.json")

@@ -1,11 +1,13 @@
-"""The per-epoch history file (plots/history.csv) and time to accuracy: written by the train
-stage, read by the report and the study records."""
+"""The per-epoch history: the file the report and the study records read
+(plots/history.csv), the same epochs as DVCLive writes them while training runs, and time to
+accuracy."""
 
 from __future__ import annotations
 
 import csv
 import io
 from pathlib import Path
+from typing import Any
 
 from fmnist_crnn.files import atomic_write_bytes
 
@@ -40,3 +42,27 @@ def write_history(path: Path, history: list[dict[str, float]]) -> None:
 def read_history(path: Path) -> list[dict[str, float]]:
     with open(path, newline="") as f:
         return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
+
+
+class LiveHistory:
+    """Each epoch's metrics written by DVCLive as the epoch ends (``<folder>/metrics.json`` and
+    ``<folder>/plots/metrics/<name>.tsv``, step = epoch), so `dvc exp show` and DVC's VS Code
+    extension show a running or queued experiment's progress from its workspace
+    (docs/decisions.md). A resumed run first writes the epochs it resumes from."""
+
+    def __init__(self, folder: Path, earlier: list[dict[str, float]]) -> None:
+        from dvclive import Live
+
+        self._live = Live(str(folder), dvcyaml=None, save_dvc_exp=False, report=None)
+        for record in earlier:
+            self.log(record)
+
+    def log(self, record: dict[str, Any]) -> None:
+        self._live.step = int(record["epoch"])
+        for key, value in record.items():
+            if key != "epoch":
+                self._live.log_metric(key, value)
+        self._live.next_step()
+
+    def end(self) -> None:
+        self._live.end()

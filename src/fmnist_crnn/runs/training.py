@@ -22,7 +22,7 @@ from fmnist_crnn.evaluate import (
     predict_logits_and_tta,
 )
 from fmnist_crnn.files import atomic_write_json
-from fmnist_crnn.history import MILESTONES, seconds_to_accuracy, write_history
+from fmnist_crnn.history import MILESTONES, LiveHistory, seconds_to_accuracy, write_history
 from fmnist_crnn.model import CRNN, count_parameters, save_model
 from fmnist_crnn.train import Dataset, FitResult, fit
 
@@ -71,12 +71,13 @@ def run_training(
     run_path: Path,
     environment_path: Path | None = None,
     record: Mapping[str, Any] | None = None,
+    live_path: Path | None = None,
 ) -> FitResult:
     """The train stage: fit, track in MLflow, and write the stage's outputs.
 
     Under torchrun the other processes only train: the main one (rank 0) alone decides
-    whether to resume, talks to MLflow and writes every output. ``record``: the values logged
-    as the run's params (default: those of ``params``).
+    whether to resume, talks to MLflow and writes every output. ``record``: the run's logged
+    params (default: ``params``'s); ``live_path``: DVCLive's folder (LiveHistory).
     """
     ctx = distributed.from_env()
     distributed.setup(ctx, select_device(params.train.device))
@@ -108,13 +109,14 @@ def run_training(
         else:
             print(f"Resuming from epoch {resume['epoch']} of {params.train.epochs} "
                   f"(MLflow run {run.info.run_id})")
+        live = LiveHistory(live_path, resume["history"] if resume else []) if live_path else None
         result = fit(
             params.model, params.train, train_data, val_data, params.augment,
             checkpoint_path=checkpoint_path, resume=resume, fingerprint=fp,
-            run_id=run.info.run_id, ctx=ctx,
-            on_epoch=lambda r: tracking.log_metrics(
-                {k: v for k, v in r.items() if k != "epoch"}, step=int(r["epoch"])),
+            run_id=run.info.run_id, ctx=ctx, on_epoch=lambda record: _log_epoch(record, live),
         )
+        if live:
+            live.end()
         environment = environment_info(result.device)
         tracking.log_environment(environment)
         tracking.set_tags({f"data.{name}_sha256": digest for name, digest in digests.items()})
@@ -139,6 +141,14 @@ def run_training(
                                      "model_uri": model_uri})
     distributed.teardown(ctx)
     return result
+
+
+def _log_epoch(record: dict[str, float], live: LiveHistory | None) -> None:
+    """One epoch's metrics to the MLflow run (step = epoch) and to DVCLive."""
+    tracking.log_metrics({k: v for k, v in record.items() if k != "epoch"},
+                         step=int(record["epoch"]))
+    if live:
+        live.log(record)
 
 
 def summarize(result: FitResult, val_data: Dataset, batch_size: int) -> dict[str, Any]:
