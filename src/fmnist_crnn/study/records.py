@@ -2,8 +2,8 @@
 
 Records are what the comparison is built from. They are small text files meant to be
 committed: local experiment refs and the local MLflow store may not follow a study to the next
-machine, but a record does, so a study can be run over several sittings and its table rebuilt
-from git alone.
+machine, but a record does, so a study can be run in several goes and its table rebuilt from
+git alone.
 """
 
 from __future__ import annotations
