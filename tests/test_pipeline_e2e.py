@@ -166,13 +166,18 @@ def test_two_fresh_repositories_reproduce_the_same_hashes_and_metrics(pipeline,
     # These hold wall-clock seconds (and the checkpoint its MLflow run id): compared below
     # without them, or through the model they produce.
     timing = {"metrics/train.json", "plots/history.csv", "reports/report.md",
-              "reports/report.html", "reports/figures", "checkpoints/last.pt"}
+              "reports/report.html", "reports/figures", "checkpoints/last.pt",
+              "dvclive/metrics.json", "dvclive/plots"}
     assert {k: v for k, v in first.items() if k not in timing} == {
         k: v for k, v in second.items() if k not in timing}
     assert {"data/raw", "data/split", "models/model.pt", "metrics/test.json"} <= set(first)
     strip = lambda r: {k: v for k, v in json.loads(  # noqa: E731
         (r / "metrics/train.json").read_text()).items() if k != "train_seconds"}
     assert strip(repo) == strip(twin)
+    # DVCLive's per-epoch files: the same but for the seconds each epoch took.
+    for name in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+        tsv = f"dvclive/plots/metrics/{name}.tsv"
+        assert (repo / tsv).read_text() == (twin / tsv).read_text(), tsv
 
 
 def test_html_report_renders_in_a_browser_with_every_image(pipeline):
