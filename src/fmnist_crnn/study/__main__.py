@@ -22,8 +22,9 @@ from fmnist_crnn.errors import ProjectError
 from fmnist_crnn.study import catalog, cluster, comparison, publish, queue, records
 
 
-def collect(study: str, out_dir: Path) -> list[str]:
-    """Record every finished experiment of ``study`` that has no record yet."""
+def collect(study: str, out_dir: Path, commit: bool = False) -> list[str]:
+    """Record every finished experiment of ``study`` that has no record yet (and commit each
+    with the study's plan when ``commit``)."""
     from fmnist_crnn import tracking
     from fmnist_crnn.config import load_params
 
@@ -36,6 +37,9 @@ def collect(study: str, out_dir: Path) -> list[str]:
     written = records.record_new(study, out_dir, shown, tracking.study_runs(experiment, study))
     for name in written:
         print(f"recorded {name}", flush=True)
+        if commit:
+            commit_record(study, name, [records.runs_dir(out_dir, study) / f"{name}.json",
+                                        records.plan_path(out_dir, study)])
     return written
 
 
@@ -119,8 +123,9 @@ def run_study(args: argparse.Namespace) -> Path:
     elif todo:
         queue.queue_runs(todo)
         queue.start_workers(args.jobs)
-        queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir), poll_s=args.poll)
-        collect(study, out_dir)
+        queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir, args.commit),
+                   poll_s=args.poll)
+        collect(study, out_dir, args.commit)
     path = comparison.compare(study, out_dir)
     missing = comparison.missing_runs({"runs": plan}, records.read_records(out_dir, study))
     if missing:
@@ -176,7 +181,8 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--git-remote", default="origin",
                      help="the git remote workers clone from and push experiments to")
     run.add_argument("--no-commit", dest="commit", action="store_false",
-                     help="with --scheduler: write records without committing them")
+                     help="write records without committing them (default: each record is "
+                          "committed with the plan as it lands)")
     run.add_argument("--poll", type=float, default=300.0,
                      help="seconds between queue checks (each `dvc queue status` costs ~1 s "
                           "of CPU beside the runs being timed)")
