@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from fmnist_crnn.config import SECTIONS, DeclaredParams, Params, load_params
+from fmnist_crnn.config import DeclaredParams, Params, load_params
 from fmnist_crnn.errors import ProjectError, Terminated
 
 
@@ -27,8 +27,7 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
     args = p.parse_args()
     try:
         params = load_params(args.params)
-        view = params if set(declared) >= set(SECTIONS) else DeclaredParams(params, declared)
-        main(args, view)
+        main(args, DeclaredParams(params, declared))
     except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

@@ -338,15 +338,13 @@ class DeclaredParams:
             section, _, key = entry.partition(".")
             if section not in SECTIONS:
                 raise ConfigError(f"declared params key '{entry}': no section '{section}'")
-            if not key:
-                self._keys[section] = None
-                continue
             known = [f.name for f in dataclasses.fields(SECTIONS[section])]
-            if key not in known:
+            if key and key not in known:
                 raise ConfigError(f"declared params key '{entry}': known keys of '{section}' "
                                   f"are {known}")
-            if self._keys.get(section, ()) is not None:
-                self._keys[section] = (*self._keys.get(section, ()), key)
+            earlier = self._keys.get(section, ())
+            whole = not key or earlier is None
+            self._keys[section] = None if whole else (*earlier, key)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
