@@ -15,7 +15,9 @@ HISTORY_FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr
                   "epoch_seconds")
 
 
-MILESTONES = (0.90, 0.93)  # validation accuracies whose time-to-reach train.json records
+# Validation accuracies whose time-to-reach train.json records, under these keys.
+MILESTONES = (0.90, 0.93, 0.94, 0.95)
+MILESTONE_KEYS = tuple(f"seconds_to_val_acc_{round(t * 100)}" for t in MILESTONES)
 
 
 def seconds_to_accuracy(history: list[dict[str, float]], target: float) -> float | None:

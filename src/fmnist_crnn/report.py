@@ -18,7 +18,7 @@ import torch
 from fmnist_crnn import data, inspection, plots
 from fmnist_crnn.config import Params, to_flat_dict
 from fmnist_crnn.files import atomic_write_text
-from fmnist_crnn.history import read_history
+from fmnist_crnn.history import MILESTONE_KEYS, MILESTONES, read_history
 from fmnist_crnn.model import count_parameters, load_model, shape_table
 
 # What the course report states (shared/docs/study.md); fixed facts, not parameters.
@@ -160,10 +160,10 @@ def _results_table(test: dict[str, Any], train_metrics: dict[str, Any],
          else f"no validation split: last epoch ({train_metrics['best_epoch']}) kept", ""],
         ["epochs", train_metrics["epochs"], STUDY["epochs"]],
         ["training time", f"{train_metrics['train_seconds']:.0f} s", ""],
-        *[[f"time to {t}% validation accuracy",
-           "not reached" if train_metrics.get(f"seconds_to_val_acc_{t}") is None
-           else f"{train_metrics[f'seconds_to_val_acc_{t}']:.0f} s", ""]
-          for t in (90, 93) if f"seconds_to_val_acc_{t}" in train_metrics],
+        *[[f"time to {t:.0%} validation accuracy",
+           "not reached" if train_metrics.get(key) is None
+           else f"{train_metrics[key]:.0f} s", ""]
+          for t, key in zip(MILESTONES, MILESTONE_KEYS, strict=True) if key in train_metrics],
         *([["test accuracy without TTA", f"{test['accuracy_without_tta']:.2%}", ""]]
           if "accuracy_without_tta" in test else []),
         ["parameters", f"{count_parameters(model):,}", ""],

@@ -22,7 +22,13 @@ from fmnist_crnn.evaluate import (
     predict_logits_and_tta,
 )
 from fmnist_crnn.files import atomic_write_json
-from fmnist_crnn.history import MILESTONES, LiveHistory, seconds_to_accuracy, write_history
+from fmnist_crnn.history import (
+    MILESTONE_KEYS,
+    MILESTONES,
+    LiveHistory,
+    seconds_to_accuracy,
+    write_history,
+)
 from fmnist_crnn.model import CRNN, count_parameters, save_model
 from fmnist_crnn.train import Dataset, FitResult, fit
 
@@ -160,8 +166,8 @@ def summarize(result: FitResult, val_data: Dataset, batch_size: int) -> dict[str
         "best_epoch": result.best_epoch,
         "epochs": len(result.history),
         "train_seconds": sum(r["epoch_seconds"] for r in result.history),
-        **{f"seconds_to_val_acc_{round(t * 100)}": seconds_to_accuracy(result.history, t)
-           for t in MILESTONES},
+        **{key: seconds_to_accuracy(result.history, t)
+           for t, key in zip(MILESTONES, MILESTONE_KEYS, strict=True)},
         "params_count": count_parameters(result.model),
     }
     if not len(val_data[1]):  # split.val_fraction 0: nothing to validate on
