@@ -19,14 +19,14 @@ from pathlib import Path
 from typing import Any
 
 from fmnist_crnn import tracking
+from fmnist_crnn.history import MILESTONE_KEYS
 from fmnist_crnn.study.catalog import flatten
 from fmnist_crnn.study.records import PLAN_FILE
 
 # A record's summary metrics, logged at step 0 under the names the stages log them.
 SUMMARY = ("test_accuracy", "test_accuracy_without_tta", "test_loss", "test_macro_f1",
            "best_val_acc", "best_epoch", "params_count", "train_seconds",
-           "seconds_to_val_acc_90", "seconds_to_val_acc_93", "seconds_to_val_acc_94",
-           "seconds_to_val_acc_95")
+           *MILESTONE_KEYS)
 
 
 def record_files(out_dir: Path, studies: list[str] | None = None) -> list[Path]:
