@@ -76,9 +76,12 @@ def test_recipes_are_valid_params_under_the_parameter_budget(name):
     assert params.train.warmup_epochs == pytest.approx(0.2 * params.train.epochs)
 
 
-def test_the_full_training_set_recipe_is_the_recipe_without_validation():
-    assert study.RECIPES["best-60k"] == {**study.RECIPES["best"], "split.val_fraction": 0}
-    # Every named recipe runs as a study variant too (`make seeds RECIPE=best-60k`), and a
+def test_the_full_training_set_recipe_is_the_recipe_without_validation_on_42_epochs():
+    ladder_42 = {**study.scale_to_epochs(study.RECIPE, 42), "train.epochs": 42}
+    assert study.RECIPES["best-60k-42ep"] == {
+        **study.RECIPES["best"], **ladder_42, "split.val_fraction": 0}
+    assert study.RECIPES["best-60k-42ep"]["train.warmup_epochs"] == pytest.approx(0.2 * 42)
+    # Every named recipe runs as a study variant too (`make seeds RECIPE=best-60k-42ep`), and a
     # named recipe never shares its name with a ladder step or an ablation variant.
     for name in study.RECIPES:
         assert study.ALL_VARIANTS[name].overrides == study.RECIPES[name]

@@ -70,8 +70,8 @@ def _recipes(section: str, known: dict[str, dict[str, Any]]) -> dict[str, dict[s
     return recipes
 
 
-# The current recipes (best, fast, best-60k), then the archive of earlier steps: both run as
-# `recipe NAME` and as study variants (`make seeds RECIPE=NAME`).
+# The current recipes (best, fast, fast-60k, best-60k-42ep), then the archive of earlier
+# steps: both run as `recipe NAME` and as study variants (`make seeds RECIPE=NAME`).
 CURRENT_RECIPES = _recipes("recipes", {})
 RECIPES = {**CURRENT_RECIPES, **_recipes("archive", CURRENT_RECIPES)}
 # Everything a study can run: the ablations, the ladder's steps and the named recipes; a study
