@@ -287,7 +287,8 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
         assert proc.returncode == 0, proc.stderr
     proc = subprocess.run(
         [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
-         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study"],
+         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study",
+         "--poll", "5"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
@@ -317,7 +318,8 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
     # Run again: everything is recorded, nothing is queued, the table is rebuilt.
     proc = subprocess.run(
         [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
-         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study"],
+         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study",
+         "--poll", "5"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 planned, 2 recorded, 0 to run" in proc.stdout
