@@ -54,15 +54,14 @@ def scale_to_epochs(overrides: dict[str, Any], epochs: int | None) -> dict[str, 
 
 
 def _recipes(section: str, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Named recipes: a ladder step, optionally on another epoch count, plus overrides; or
-    another named recipe (``recipe:``, defined above it or in ``known``) plus overrides."""
+    """Named recipes: a ladder step or another named recipe (``recipe:``, defined above it or
+    in ``known``), optionally on another epoch count, plus overrides."""
     recipes: dict[str, dict[str, Any]] = {}
     for name, spec in _load("recipes.yaml")[section].items():
         if "recipe" in spec:
-            base = {**known, **recipes}[spec["recipe"]]
-            recipes[name] = {**base, **(spec.get("overrides") or {})}
-            continue
-        overrides = RECIPE_VARIANTS[spec["step"]].overrides
+            overrides = {**known, **recipes}[spec["recipe"]]
+        else:
+            overrides = RECIPE_VARIANTS[spec["step"]].overrides
         if spec.get("epochs"):
             overrides = {**scale_to_epochs(overrides, spec["epochs"]),
                          "train.epochs": spec["epochs"]}
