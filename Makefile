@@ -7,12 +7,12 @@ DEBIAN_DATA := /usr/share/datasets/fashion-mnist
 MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
-.PHONY: help setup data-source repro verify test test-fast lint server ui lock study study-quick \
-	scheduler worker best fast seeds ingredients bench bench-workers bench-ddp bench-cluster profile
+.PHONY: help setup data-source repro verify test test-fast test-e2e test-services test-distributed test-browser lint server ui lock study study-quick \
+	scheduler worker best fast seeds ingredients bench bench-workers bench-ddp bench-cluster bench-overhead profile
 
 # `make help`: every target, one line each.
 help: ## this list
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
 
 # The ablation study: every variant x seed queued as a DVC experiment, run, recorded under
 # reports/study/runs/<STUDY>/ as each finishes, then compared. Running it again skips what is
@@ -65,13 +65,32 @@ repro: setup ## the pipeline: download, split, train, evaluate, report
 verify: repro ## reproduce, then check every committed metric (identical or within noise)
 	$(BIN)/python -m fmnist_crnn.verify
 
-# pytest exits 5 when it collects no test: that is a failure here, not a pass.
-test: setup ## every test (about 25 minutes on 2 cores)
-	$(BIN)/python -m pytest; status=$$?; \
+# pytest exits 5 when it collects no test: that is a failure here, not a pass. The suite's
+# tiers (tests/README.md): test-fast is the inner loop; test-e2e, test-services,
+# test-distributed and test-browser each run the scenarios that need that component.
+# PYTEST_ARGS passes more, e.g. `make test PYTEST_ARGS="-x -k team"`.
+# Two pytest-xdist workers: the slow tiers mostly wait on processes they start; the tests that
+# share a module-wide server or cluster stay on one worker (--dist loadgroup, xdist_group).
+PYTEST_ARGS ?=
+XDIST ?= -n 2 --dist loadgroup
+test: setup ## every test, every tier (tests/README.md gives the time of each)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
-test-fast: setup ## the tests not marked slow
-	$(BIN)/python -m pytest -m "not slow"
+test-fast: setup ## the inner loop: no pipeline, server, cluster or browser (under a minute)
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-e2e: setup ## tier: the pipeline's stages as processes (dvc repro, dvc exp run)
+	$(BIN)/python -m pytest -m e2e $(XDIST) $(PYTEST_ARGS)
+
+test-services: setup ## tier: mlflow server, PostgreSQL, S3 on moto, mlflow models serve
+	$(BIN)/python -m pytest -m services $(XDIST) $(PYTEST_ARGS)
+
+test-distributed: setup ## tier: torchrun and the study on Dask
+	$(BIN)/python -m pytest -m distributed $(XDIST) $(PYTEST_ARGS)
+
+test-browser: setup ## tier: headless Chromium
+	$(BIN)/python -m pytest -m browser $(XDIST) $(PYTEST_ARGS)
 
 lint: setup ## ruff
 	$(BIN)/ruff check src stages tests
@@ -149,6 +168,12 @@ profile: setup ## where an epoch's time goes: reports/bench/profile-*.json
 bench-workers: setup ## 2 queue workers x 1 thread against 1 x 2: reports/bench/workers.json
 	$(BIN)/dvc repro split
 	PYTHONPATH=src $(BIN)/python benchmarks/workers.py
+
+# A tracked run's fixed cost: one slice `dvc exp run`, stage by stage, against commit AGAINST
+# (default: the last commit before the cuts of issue 32) in the same invocation.
+AGAINST ?= 5478e92
+bench-overhead: setup ## a slice run's time outside training, stage by stage: reports/bench/overhead.json
+	PYTHONPATH=src $(BIN)/python benchmarks/overhead.py $(if $(AGAINST),--against $(AGAINST),)
 
 # The slice study on 1 Dask worker against 2, and on DVC's queue: reports/bench/cluster.json.
 bench-cluster: setup ## the slice study on 1 and 2 Dask workers and DVC's queue

@@ -82,3 +82,14 @@ def activated(env: dict[str, str]) -> dict[str, str]:
     """``env`` after `source .venv/bin/activate`, as the README asks for bare commands."""
     return {**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}",
             "VIRTUAL_ENV": sys.prefix}
+
+
+# The tiers of the suite (pyproject.toml): a test marked by what it needs is `slow` as well, so
+# `-m "not slow"` (make test-fast) is the inner loop and `-m e2e` etc. one tier of the rest.
+TIERS = ("e2e", "services", "distributed", "browser")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if any(item.get_closest_marker(tier) for tier in TIERS):
+            item.add_marker(pytest.mark.slow)

@@ -195,7 +195,10 @@ class PlainMlflowServer:
     and start again (the store and the artifacts survive, as on a restarted team server)."""
 
     def __init__(self, workdir: Path, env: dict[str, str]) -> None:
-        self.workdir, self.env = workdir, env
+        # As `make server` (fmnist_crnn.server): without MLflow's job runner, eight processes
+        # the pipeline never uses.
+        self.workdir = workdir
+        self.env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None

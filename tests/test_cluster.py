@@ -20,11 +20,11 @@ import pytest
 
 from . import services
 from .conftest import DVC
-from .test_pipeline_e2e import make_repo, run
+from .repos import make_repo, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
 EXPERIMENT = "fashion-mnist-crnn"
-SLICE = {"split": {"limit": 3000}, "train": {"epochs": 2}}
+SLICE = {"train": {"epochs": 2}}
 
 
 def wait_for(path: Path, proc: subprocess.Popen | None = None, limit_s: float = 600) -> None:
@@ -67,7 +67,7 @@ def server(tmp_path):
 def tracked_repo(tmp_path_factory, server, tmp_path):
     holds = tmp_path / "holds"
     holds.mkdir()
-    repo, env = make_repo(tmp_path_factory, {"split": {"limit": 3000}, "train": {"epochs": 4}},
+    repo, env = make_repo(tmp_path_factory, {"train": {"epochs": 4}},
                           extra_env={"MLFLOW_TRACKING_URI": server.url,
                                      "FMNIST_CRNN_HOLD_DIR": str(holds)}, name="outage")
     return repo, env, holds
@@ -237,6 +237,8 @@ def assert_study_landed(team, study):
     return [json.loads((folder / f"{n}.json").read_text()) for n in sorted(names)], runs
 
 
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dask")  # one worker: the cluster is module-wide
 def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
     proc = subprocess.run(study_command(team, "spread"), cwd=team["repo"], env=team["env"],
                           capture_output=True, text=True, timeout=1800)
@@ -253,6 +255,8 @@ def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
     assert again.returncode == 0 and "4 recorded, 0 to run" in again.stdout
 
 
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dask")  # one worker: the cluster is module-wide
 def test_a_worker_killed_mid_run_loses_nothing_and_leaves_no_process(team):
     holds, victim = team["holds"], "kill-baseline-s42"
     (holds / f"hold-{victim}-1").touch()
@@ -286,6 +290,8 @@ def _in_group(proc: psutil.Process, group: int) -> bool:
         return False
 
 
+@pytest.mark.distributed
+@pytest.mark.xdist_group("dask")  # one worker: the cluster is module-wide
 def test_a_runner_killed_and_started_again_trains_no_run_twice(team):
     holds, held = team["holds"], "restart-baseline-s42"
     (holds / f"hold-{held}-1").touch()

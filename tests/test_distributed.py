@@ -50,7 +50,7 @@ def test_one_process_needs_no_torchrun():
     assert distributed.torchrun(1, ["stages/train.py"]) is None
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_train_one_model_log_one_run_and_resume_after_a_kill(
         training_dir):  # noqa: F811
     from .test_reliability import write_params
@@ -102,7 +102,7 @@ def documented_torchrun_command() -> str:
     return " ".join(line.rstrip("\\").strip() for line in block.splitlines() if line.strip())
 
 
-@pytest.mark.slow
+@pytest.mark.distributed
 def test_the_documented_multi_machine_torchrun_command_trains_on_two_nodes(tmp_path):
     from .services import free_port
     from .test_reliability import write_params

@@ -20,10 +20,10 @@ def test_without_cuda_it_stops_at_once_saying_so(tmp_path):
     assert not out.exists()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_every_check_but_nccl_runs_on_the_cpu(tmp_path):
     pytest.importorskip("fmnist_crnn.data")
-    from .test_pipeline_e2e import require_data
+    from .repos import require_data
 
     require_data()
     out = tmp_path / "gpu.json"

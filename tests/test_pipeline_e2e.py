@@ -14,71 +14,48 @@ import yaml
 
 from fmnist_crnn.data import DEBIAN_DIR, ENV_DIR
 
-from .conftest import DVC, REPO, activated, stranger_env
+from .conftest import DVC, activated, stranger_env
+from .repos import SLICE_LIMIT, copy, make_repo_at, run, shared
 
-pytestmark = pytest.mark.slow
-
-
-def data_available() -> bool:
-    return bool(os.environ.get(ENV_DIR)) or (DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
-
-
-def run(cmd, cwd, env):
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return proc.stdout + proc.stderr
-
-
-def require_data() -> None:
-    if not data_available():
-        if os.environ.get("CI"):
-            pytest.fail(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
-        pytest.skip(f"no Fashion-MNIST: install dataset-fashion-mnist or set {ENV_DIR}")
-
-
-def make_repo(tmp_path_factory, params_update=None, extra_env=None, name="pipeline"):
-    """A fresh git + DVC repository with the project's pipeline, nothing run yet."""
-    require_data()
-    repo = tmp_path_factory.mktemp(name)
-    for item in ("dvc.yaml", "stages", "src", "MLproject", "python_env.yaml", ".gitignore"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in (params_update or {}).items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    # Not activated: `python` on PATH is the system's, without torch. The stages must find
-    # the project's interpreter themselves (stages/run.sh), as in a stranger's fresh shell.
-    env = {**stranger_env(repo), **(extra_env or {})}
-    run(["git", "init", "-q"], repo, env)
-    run([*DVC, "init", "-q"], repo, env)
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", "init"], repo, env)
-    return repo, env
+pytestmark = pytest.mark.e2e
 
 
 # The recipe's code paths too: augmentation, EMA, a schedule and test-time flips.
-SLICE = {"split": {"limit": 6000}, "train": {"epochs": 2, "ema_decay": 0.9, "schedule": "cosine",
-                                             "warmup_epochs": 0.5},
+SLICE = {"split": {"limit": SLICE_LIMIT},
+         "train": {"epochs": 2, "ema_decay": 0.9, "schedule": "cosine", "warmup_epochs": 0.5},
          "augment": {"crop_padding": 2, "hflip": True, "erasing": 0.25},
          "evaluate": {"tta_hflip": True}}
 
 
-def make_pipeline(tmp_path_factory):
-    """A fresh git + DVC repository with the project's pipeline on a slice, after `dvc repro`."""
-    repo, env = make_repo(tmp_path_factory, SLICE)
+def make_pipeline(repo, tmp_path_factory, fresh=False):
+    """The slice repository at ``repo`` with the recipe's params, after `dvc repro`
+    (``fresh``: a new repository, every stage run in it); its output in ``repo.out``."""
+    repo, env = make_repo_at(repo, tmp_path_factory, SLICE, fresh=fresh)
     out = run([*DVC, "repro"], repo, env)
+    (repo.parent / f"{repo.name}.out").write_text(out)
     return repo, env, out
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def pipeline(tmp_path_factory):
-    return make_pipeline(tmp_path_factory)
+    """The pipeline after one `dvc repro`, built once per test run: read only. A scenario
+    that runs DVC, git or MLflow commands in it takes ``own_pipeline``."""
+    repo = shared(tmp_path_factory, "pipeline",
+                  lambda path: make_pipeline(path, tmp_path_factory))
+    return repo, stranger_env(repo), (repo.parent / "pipeline.out").read_text()
+
+
+@pytest.fixture
+def own_pipeline(pipeline, tmp_path):
+    """A copy of ``pipeline`` for this scenario alone."""
+    repo, _, out = pipeline
+    mine = copy(repo, tmp_path / "pipeline")
+    return mine, stranger_env(mine), out
 
 
 def test_repro_prints_the_study_inference_line(pipeline):
     _, _, out = pipeline
-    assert "Inference: 100%" in out and "94/94" in out  # 6,000 test images at batch 64
+    assert "Inference: 100%" in out and "47/47" in out  # 3,000 test images at batch 64
     assert "Accuracy: " in out and "% / Loss: " in out
 
 
@@ -87,7 +64,7 @@ def test_outputs_metrics_and_report(pipeline):
     train = json.loads((repo / "metrics/train.json").read_text())
     test = json.loads((repo / "metrics/test.json").read_text())
     assert train["epochs"] == 2 and 0 < train["best_val_acc"] <= 1
-    assert 0.3 < test["accuracy"] <= 1  # 4,200 images, 2 epochs: well above chance (0.1)
+    assert 0.3 < test["accuracy"] <= 1  # 2,400 images, 2 epochs: well above chance (0.1)
     per_class = json.loads((repo / "metrics/test_per_class.json").read_text())
     assert set(per_class) == {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                               "Shirt", "Sneaker", "Bag", "Ankle boot"}
@@ -98,7 +75,7 @@ def test_outputs_metrics_and_report(pipeline):
     history = (repo / "plots/history.csv").read_text().splitlines()
     assert history[0].startswith("epoch,train_loss") and len(history) == 3
     predictions = (repo / "plots/test_predictions.csv").read_text().splitlines()
-    assert predictions[0] == "actual,predicted,confidence" and len(predictions) == 6001
+    assert predictions[0] == "actual,predicted,confidence" and len(predictions) == SLICE_LIMIT + 1
     report = (repo / "reports/report.md").read_text()
     assert f"{test['accuracy']:.2%}" in report and "89.6%" in report
     assert f"test accuracy without TTA | {test['accuracy_without_tta']:.2%}" in report
@@ -115,7 +92,7 @@ def test_mlflow_run_has_params_history_confusion_and_model(pipeline):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.hidden_dim"] == "128" and params["split.limit"] == "6000"
+    assert params["model.hidden_dim"] == "128" and params["split.limit"] == str(SLICE_LIMIT)
     assert params["model.kernel_sizes"] == "[3, 3, 2]"
     assert params["report.mistakes"] == "16"  # logged by the report stage
     assert {f"{s}.{k}" for s, sec in yaml.safe_load((repo / "params.yaml").read_text()).items()
@@ -161,7 +138,8 @@ def lock_outs(repo):
 def test_two_fresh_repositories_reproduce_the_same_hashes_and_metrics(pipeline,
                                                                        tmp_path_factory):
     repo, _, _ = pipeline
-    twin, _, _ = make_pipeline(tmp_path_factory)
+    twin, _, _ = make_pipeline(tmp_path_factory.mktemp("twin") / "repo", tmp_path_factory,
+                               fresh=True)
     first, second = lock_outs(repo), lock_outs(twin)
     # These hold wall-clock seconds (and the checkpoint its MLflow run id): compared below
     # without them, or through the model they produce.
@@ -180,6 +158,7 @@ def test_two_fresh_repositories_reproduce_the_same_hashes_and_metrics(pipeline,
         assert (repo / tsv).read_text() == (twin / tsv).read_text(), tsv
 
 
+@pytest.mark.browser
 def test_html_report_renders_in_a_browser_with_every_image(pipeline):
     from .browser import chromium, images_loaded
 
@@ -221,6 +200,7 @@ def test_predict_from_the_registry_alias(pipeline):
     assert len(lines) == 10000 and lines[0].endswith("%)")
 
 
+@pytest.mark.services
 def test_logged_model_serves_over_http(pipeline):
     import socket
     import time
@@ -260,8 +240,8 @@ def test_logged_model_serves_over_http(pipeline):
         server.wait(timeout=30)
 
 
-def test_second_repro_does_nothing(pipeline):
-    repo, env, _ = pipeline
+def test_second_repro_does_nothing(own_pipeline):
+    repo, env, _ = own_pipeline
     out = run([*DVC, "repro"], repo, env)
     assert "Data and pipelines are up to date" in out
     assert "up to date" in run([*DVC, "status"], repo, env)
@@ -307,8 +287,8 @@ def stages_with_changed_params(repo, env):
             if isinstance(change, dict) and "params.yaml" in change.get("changed deps", {})}
 
 
-def test_a_changed_key_reruns_exactly_the_stages_that_read_it(pipeline):
-    repo, env, _ = pipeline
+def test_a_changed_key_reruns_exactly_the_stages_that_read_it(own_pipeline):
+    repo, env, _ = own_pipeline
     original = (repo / "params.yaml").read_text()
     assert stages_with_changed_params(repo, env) == set()
     seen = {}
@@ -337,8 +317,8 @@ def test_a_changed_key_reruns_exactly_the_stages_that_read_it(pipeline):
     assert "up to date" in run([*DVC, "status"], repo, env)
 
 
-def test_experiment_variant_is_one_command_and_comparable(pipeline):
-    repo, env, _ = pipeline
+def test_experiment_variant_is_one_command_and_comparable(own_pipeline):
+    repo, env, _ = own_pipeline
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "baseline"], repo, env)
     run([*DVC, "exp", "run", "-n", "tiny-h32", "-S", "model.hidden_dim=32"], repo, env)
@@ -354,10 +334,10 @@ def test_experiment_variant_is_one_command_and_comparable(pipeline):
     assert "test_accuracy" in runs[0].data.metrics
 
 
-def test_training_on_every_image_without_a_validation_split(pipeline):
+def test_training_on_every_image_without_a_validation_split(own_pipeline):
     """split.val_fraction=0: the split stage keeps all training images, training keeps the
     last epoch, evaluate and report still run; the test set is the same."""
-    repo, env, _ = pipeline
+    repo, env, _ = own_pipeline
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "before full-train", "--allow-empty"], repo, env)
     run([*DVC, "exp", "run", "--temp", "-n", "tiny-all", "-S", "split.val_fraction=0",
@@ -376,8 +356,8 @@ def test_training_on_every_image_without_a_validation_split(pipeline):
     assert train_json["epochs"] == 1 and "best_val_acc" not in train_json
 
 
-def test_mlproject_train_entry_logs_a_run(pipeline):
-    repo, env, _ = pipeline
+def test_mlproject_train_entry_logs_a_run(own_pipeline):
+    repo, env, _ = own_pipeline
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "before mlflow run", "--allow-empty"], repo, env)
     env = dict(activated(env), MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
@@ -393,7 +373,7 @@ def test_mlproject_train_entry_logs_a_run(pipeline):
     assert "test_accuracy" in logged.data.metrics
 
 
-def test_a_second_clone_gets_the_exact_artifacts_through_a_dvc_remote(pipeline, tmp_path):
+def test_a_second_clone_gets_the_exact_artifacts_through_a_dvc_remote(own_pipeline, tmp_path):
     """Push results from one clone; a second clone `dvc pull`s them, is up to date without
     training, and its pulled model scores the committed test accuracy. An experiment travels
     too, with `dvc exp push` / `dvc exp pull`."""
@@ -402,7 +382,7 @@ def test_a_second_clone_gets_the_exact_artifacts_through_a_dvc_remote(pipeline, 
     from fmnist_crnn import data, evaluate
     from fmnist_crnn.model import load_model
 
-    repo, env, _ = pipeline
+    repo, env, _ = own_pipeline
     origin, store = tmp_path / "origin.git", tmp_path / "dvc-store"
     run(["git", "init", "-q", "--bare", str(origin)], tmp_path, env)
     run([*DVC, "remote", "add", "-d", "shared", str(store)], repo, env)
@@ -434,10 +414,10 @@ def test_a_second_clone_gets_the_exact_artifacts_through_a_dvc_remote(pipeline, 
     assert "remote-h16" in shown
 
 
-def test_a_bad_value_through_dvc_exp_run_changes_no_output(pipeline):
+def test_a_bad_value_through_dvc_exp_run_changes_no_output(own_pipeline):
     """DVC deletes a stage's outputs before running it: the validate stage, first in the
     graph, must refuse the value before any stage with outputs runs."""
-    repo, env, _ = pipeline
+    repo, env, _ = own_pipeline
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "before the bad value", "--allow-empty"], repo, env)
     outputs = ["models/model.pt", "metrics/train.json", "metrics/test.json", "plots/history.csv",
@@ -480,10 +460,10 @@ def test_a_bad_value_through_dvc_exp_run_changes_no_output(pipeline):
     assert {p: (repo / p).read_bytes() for p in outputs} == before
 
 
-def test_a_failed_download_keeps_the_raw_data(pipeline, tmp_path):
+def test_a_failed_download_keeps_the_raw_data(own_pipeline, tmp_path):
     """DVC deletes a stage's outputs before running it unless they persist: data/raw does,
     and the stage replaces it only when all four files verify."""
-    repo, env, _ = pipeline
+    repo, env, _ = own_pipeline
     raw = {p.name: p.read_bytes() for p in (repo / "data/raw").iterdir()}
     bad = tmp_path / "bad"
     bad.mkdir()

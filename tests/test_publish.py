@@ -95,7 +95,8 @@ def test_the_ui_links_open_the_runs_and_the_metric():
     assert "metric=%22val_acc%22" in url and "experiments=%5B%223%22%5D" in url
 
 
-@pytest.mark.slow
+@pytest.mark.services
+@pytest.mark.browser
 def test_the_ui_compares_two_imported_runs_and_draws_their_val_acc(tmp_path):
     services.need("Chromium (Debian package chromium)", browser.chromium() is not None)
     server = services.PlainMlflowServer(tmp_path, services.stranger_base_env())

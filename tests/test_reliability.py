@@ -67,7 +67,7 @@ def interrupt_after_epoch(folder, epoch, sig):
     return proc.returncode
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_interrupted_training_resumes_to_the_uninterrupted_result(training_dir):
     whole = training_dir("whole")
     proc = stage("train", whole, *TRAIN_ARGS)

@@ -17,7 +17,7 @@ from fmnist_crnn.config import load_params
 from fmnist_crnn.model import CRNN
 from fmnist_crnn.study import catalog
 
-from .conftest import DVC, REPO, stranger_env
+from .conftest import REPO
 
 
 @pytest.mark.parametrize("name", list(study.ALL_VARIANTS))
@@ -263,28 +263,12 @@ def test_collect_experiments_reads_dvc_exp_show_json():
                                                                      ("final", 0.9)]
 
 
-@pytest.mark.slow
-def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path):
-    from .test_pipeline_e2e import data_available
+@pytest.mark.e2e
+def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path_factory):
+    from .repos import make_repo
 
-    if not data_available():
-        pytest.skip("no Fashion-MNIST")
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for item in ("dvc.yaml", "stages", "src", ".gitignore"):
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / item)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["split"]["limit"] = 1000
-    params["train"]["epochs"] = 1
-    params["tracking"]["log_model"] = False
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = stranger_env(repo)
-    for cmd in (["git", "init", "-q"], [*DVC, "init", "-q"], ["git", "add", "-A"],
-                ["git", "commit", "-qm", "init"], [*DVC, "repro", "split"],
-                ["git", "add", "-A"], ["git", "commit", "-qm", "data"]):
-        proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stderr
+    repo, env = make_repo(tmp_path_factory, {"train": {"epochs": 1},
+                                             "tracking": {"log_model": False}}, name="queue")
     proc = subprocess.run(
         [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
          "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study",

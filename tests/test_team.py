@@ -14,9 +14,10 @@ import pytest
 
 from . import services
 from .conftest import DVC, stranger_env
-from .test_pipeline_e2e import make_repo, run
+from .repos import make_repo, run
 
-pytestmark = pytest.mark.slow
+# One worker runs the module under pytest-xdist (its server and repository are module-wide).
+pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("team")]
 ADMIN = ("admin", "admin-test-password-1")
 EXPERIMENT = "fashion-mnist-crnn"
 
@@ -69,7 +70,7 @@ def rest(team, path, user=None, body=None, host=None):
 @pytest.fixture(scope="module")
 def pipeline_on_server(team, tmp_path_factory):
     """The pipeline on a slice, its runs sent to the team server."""
-    repo, env = make_repo(tmp_path_factory, {"split": {"limit": 2000}, "train": {"epochs": 2}},
+    repo, env = make_repo(tmp_path_factory, {"train": {"epochs": 2}},
                           extra_env={**services.S3_ENV, **client_env(team)}, name="teamrepo")
     run([*DVC, "repro"], repo, env)
     return repo, env

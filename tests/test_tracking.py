@@ -142,7 +142,7 @@ def _post(url: str, body: str) -> tuple[int, str]:
         return refused.code, refused.read().decode()
 
 
-@pytest.mark.slow
+@pytest.mark.services
 def test_served_model_answers_400_with_the_reason_for_input_it_would_mispredict(repo):
     """`mlflow models serve` as the README runs it, over HTTP."""
     model_dir = mlflow.artifacts.download_artifacts(_logged_tiny_model(repo)[0])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Callable
 
+from fmnist_crnn import timings
 from fmnist_crnn.config import DeclaredParams, Params, load_params
 from fmnist_crnn.errors import ProjectError, Terminated
 
@@ -25,9 +27,12 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
     (both after the tracked run has been ended KILLED).
     """
     args = p.parse_args()
+    startup = timings.since_process_start() if timings.enabled() else 0.0
+    started = time.perf_counter()
     try:
         params = load_params(args.params)
         main(args, DeclaredParams(params, declared))
+        timings.write(timings.stage_name(), startup, time.perf_counter() - started)
     except ProjectError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

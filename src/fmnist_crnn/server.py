@@ -17,6 +17,8 @@ S3-compatible bucket) and the ``basic-auth`` app. Secrets come from the environm
                                     accepts localhost and private IPs by default; this machine's
                                     loopback names are always added)
     MLFLOW_SERVER_CORS_ALLOWED_ORIGINS  the UI's origins (``http://mlflow-host:5000``)
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's job runner for GenAI features (default here:
+                                    false, eight fewer processes)
 
 The default permission is NO_PERMISSIONS: a user reads and writes only the experiments the
 creator or an administrator granted (``python -m fmnist_crnn.server grant``); the creator of an
@@ -100,7 +102,12 @@ def server_command(env: dict[str, str], host: str, port: int, workers: int,
               f"lists it (e.g. mlflow-host:{port})", file=sys.stderr)
     if env.get("MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"):
         command += ["--cors-allowed-origins", env["MLFLOW_SERVER_CORS_ALLOWED_ORIGINS"]]
-    return command, {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini)}
+    # MLflow 3's job runner (GenAI scorers and trace roll-ups, which this pipeline never
+    # uses) starts eight more processes of ~275 MB each beside the server; set the variable to
+    # true to keep it.
+    jobs = env.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    return command, {**env, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
+                     "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": jobs}
 
 
 def main(argv: list[str] | None = None) -> None:

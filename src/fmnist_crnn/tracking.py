@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import yaml
 
+from fmnist_crnn import timings
 from fmnist_crnn.errors import Terminated, TrackingError
 from fmnist_crnn.journal import JOURNAL_DIR, Journal
 
@@ -278,7 +279,8 @@ def start_run(experiment_name: str | None, run_id: str | None = None,
     run_id = run_id or os.environ.get("MLFLOW_RUN_ID")
     journal = Journal.find(root, run_id) if run_id else None
     if journal is None:
-        journal = _open_on_store(root, experiment_name, run_id, tags)
+        with timings.span("mlflow_open"):
+            journal = _open_on_store(root, experiment_name, run_id, tags)
     else:
         use_store(journal.meta["tracking_uri"])
     if run_id is not None:  # continued: RUNNING again until this stage ends it
@@ -302,7 +304,8 @@ def start_run(experiment_name: str | None, run_id: str | None = None,
     finally:
         _active = _sender = None
         journal.append("end", status=status, end_time=_now_ms())
-        sender.close()
+        with timings.span("mlflow_wait_at_end"):
+            sender.close()
         _restore_sigterm(previous)
         pending = journal.pending()
         if pending:
@@ -536,7 +539,7 @@ def send_pending(journal: Journal) -> int:
     import mlflow
 
     sent = 0
-    with journal.sending():
+    with journal.sending(), timings.span("mlflow_sends"):
         client = mlflow.MlflowClient(journal.meta["tracking_uri"])
         for entry in journal.pending():
             result = _send(client, journal, entry)
@@ -571,9 +574,11 @@ def _send(client: Any, journal: Journal, entry: dict[str, Any]) -> Any:
     elif op == "table":
         client.log_table(run_id, data=entry["data"], artifact_file=entry["artifact_file"])
     elif op == "model":
-        return _send_model(client, journal, entry)
+        with timings.span("model_logging"):
+            return _send_model(client, journal, entry)
     elif op == "register":
-        return _send_registration(client, journal, entry)
+        with timings.span("registration"):
+            return _send_registration(client, journal, entry)
     else:
         raise TrackingError(f"{journal.folder}: unknown journal entry {op!r}")
     return None
