@@ -213,15 +213,15 @@ def start_study(team, study) -> subprocess.Popen:
 
 def study_command(team, study):
     return [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", study, "--variants",
-            "baseline", "dropout01", "--seeds", "2", "--epochs", "2",
+            "baseline", "dropout01", "--seeds", "1", "--epochs", "2",
             "--scheduler", team["cluster"].address]
 
 
 def assert_study_landed(team, study):
-    """4 records (committed), 4 experiments on the git remote, one FINISHED MLflow run per
+    """2 records (committed), 2 experiments on the git remote, one FINISHED MLflow run per
     name and none left RUNNING."""
     repo = team["repo"]
-    names = {f"{study}-{v}-s{s}" for v in ("baseline", "dropout01") for s in (42, 43)}
+    names = {f"{study}-{v}-s42" for v in ("baseline", "dropout01")}
     folder = repo / "reports/study/runs" / study
     recorded = {p.stem for p in folder.glob("*.json") if p.name != "plan.json"}
     assert recorded == names
@@ -246,13 +246,13 @@ def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
     records, runs = assert_study_landed(team, "spread")
     assert {r["worker"]["name"] for r in records} == {"w1", "w2"}
     assert all(r["test_accuracy"] > 0.15 and len(r["history"]["val_acc"]) == 2 for r in records)
-    assert len(runs) == 4
+    assert len(runs) == 2
     # The experiments' outputs went to the DVC remote: a clone can pull one.
     assert any((team["workdir"] / "dvc-store").rglob("*"))
     # Run again: everything is recorded, nothing is submitted.
     again = subprocess.run(study_command(team, "spread"), cwd=team["repo"], env=team["env"],
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and "4 recorded, 0 to run" in again.stdout
+    assert again.returncode == 0 and "2 recorded, 0 to run" in again.stdout
 
 
 @pytest.mark.distributed
