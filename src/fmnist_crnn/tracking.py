@@ -628,9 +628,6 @@ def _send_model(client: Any, journal: Journal, entry: dict[str, Any]) -> str:
                           for pkg in ("torch", "torchvision", "mlflow", "numpy")],
         # The model code is this package: ship it with the model.
         code_paths=[str(package_dir)], flavor_name="pyfunc.ModelFromCode",
-        # MLflow would load the model it just wrote and predict the example once more: the
-        # output above came from these weights (tests/test_tracking.py serves the model).
-        validate_serving_input=False,
     )
     return info.model_uri
 
