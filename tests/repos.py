@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -93,9 +94,28 @@ def shared(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
 
 
 def copy(repo: Path, to: Path) -> Path:
-    """A copy of a shared repository that a scenario may change (git, DVC's cache and
-    outputs, the MLflow store; the store's artifact paths still name the original)."""
+    """A copy of a shared repository that a scenario may change: git, DVC's cache and
+    outputs, the MLflow store and its journals. The store and the journals name the
+    repository by absolute path (artifact locations, the tracking URI): the copy's name its
+    own folder, so nothing done in the copy reaches the original."""
     shutil.copytree(repo, to, symlinks=True)
+    old, new = f"{repo}/", f"{to}/"
+    store = to / "mlflow.db"
+    if store.exists():
+        with sqlite3.connect(store) as db:
+            tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master "
+                                               "WHERE type = 'table'")]
+            for table in tables:
+                for column in db.execute(f'PRAGMA table_info("{table}")').fetchall():
+                    if "CHAR" in column[2].upper() or "TEXT" in column[2].upper():
+                        # Names from the store's own schema, values bound.
+                        db.execute(f'UPDATE "{table}" SET "{column[1]}" = '  # noqa: S608
+                                   f'replace("{column[1]}", ?, ?) WHERE instr("{column[1]}", ?)',
+                                   (old, new, old))
+    for path in (to / ".mlflow-journal").rglob("*.json*"):
+        text = path.read_text()
+        if old in text:
+            path.write_text(text.replace(old, new))
     return to
 
 
@@ -113,7 +133,9 @@ def make_repo_at(repo: Path, tmp_path_factory, params_update=None, extra_env=Non
     repository, nothing run."""
     require_data()
     if fresh:
-        env = _init(repo, {"split": {"limit": SLICE_LIMIT}, **(params_update or {})})
+        env = _init(repo, {"split": {"limit": SLICE_LIMIT}})
+        update_params(repo, params_update)
+        run(["git", "commit", "-qam", "params", "--allow-empty"], repo, env)
     else:
         copy(shared(tmp_path_factory, "slice-template", _build_slice), repo)
         env = stranger_env(repo)

@@ -56,7 +56,7 @@ def test_two_processes_train_one_model_log_one_run_and_resume_after_a_kill(
     from .test_reliability import write_params
 
     whole = training_dir("ddp-whole")
-    write_params(whole, **{"train.epochs": 3, "train.batch_size": 8, "train.processes": 2,
+    write_params(whole, **{"train.epochs": 3, "train.batch_size": 32, "train.processes": 2,
                            "tracking.log_model": False})
     proc = stage("train", whole, *TRAIN_ARGS)
     out, err = proc.communicate(timeout=900)
@@ -74,7 +74,7 @@ def test_two_processes_train_one_model_log_one_run_and_resume_after_a_kill(
 
     # Killed without warning after epoch 1, then the same command again: it resumes.
     broken = training_dir("ddp-broken")
-    write_params(broken, **{"train.epochs": 3, "train.batch_size": 8, "train.processes": 2,
+    write_params(broken, **{"train.epochs": 3, "train.batch_size": 32, "train.processes": 2,
                             "tracking.log_model": False})
     proc = stage("train", broken, *TRAIN_ARGS,
                  extra_env={"FMNIST_CRNN_SIGNAL_AFTER_EPOCH": "1:KILL"})
@@ -114,7 +114,7 @@ def test_the_documented_multi_machine_torchrun_command_trains_on_two_nodes(tmp_p
     for file, array in synthetic_arrays(n_train=600, n_test=40).items():
         (raw / file).write_bytes(idx_bytes(array))
     data.make_split(raw, folder / "data" / "split", SplitConfig(val_fraction=0.2))
-    write_params(folder, **{"train.epochs": 1, "train.batch_size": 8,
+    write_params(folder, **{"train.epochs": 1, "train.batch_size": 32,
                             "tracking.log_model": False})
     (folder / "stages").symlink_to(REPO / "stages")
     command = documented_torchrun_command()

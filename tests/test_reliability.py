@@ -51,7 +51,7 @@ def training_dir(tmp_path):
         for file, array in synthetic_arrays(n_train=2000, n_test=40).items():
             (raw / file).write_bytes(idx_bytes(array))
         data.make_split(raw, folder / "split", SplitConfig(val_fraction=0.2))
-        write_params(folder, **{"train.epochs": 4, "train.batch_size": 8,
+        write_params(folder, **{"train.epochs": 4, "train.batch_size": 32,
                                 "tracking.log_model": False})
         return folder
     return make
