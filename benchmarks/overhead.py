@@ -140,6 +140,7 @@ def shares(stage: dict, train_seconds: float | None) -> dict[str, float]:
 
 
 def median_run(runs: list[dict]) -> dict:
+    """The run with the median time outside training (the upper one of an even count)."""
     return sorted(runs, key=lambda r: r["outside_training_s"])[len(runs) // 2]
 
 
@@ -157,12 +158,11 @@ def print_table(label: str, run: dict) -> None:
         print(f"| {name} | {stage['wall_s']:.2f} | {' | '.join(cells)} |")
 
 
-def bench(label: str, rev: str | None, root: Path, args, env: dict[str, str]) -> dict:
+def prepare(label: str, rev: str | None, root: Path, args, env: dict[str, str]) -> Path:
     tree = project_tree(rev, root / f"tree-{label}")
     repo = root / f"repo-{label}"
     make_repo(tree, repo, env, args.limit, args.epochs)
-    runs = [timed_run(repo, env, 43 + i, root / f"{label}-{i}.log") for i in range(args.runs)]
-    return {"rev": rev or "working tree", "runs": runs, "median": median_run(runs)}
+    return repo
 
 
 def main() -> None:
@@ -170,7 +170,7 @@ def main() -> None:
     parser.add_argument("--against", help="also time this commit (e.g. HEAD~1), same invocation")
     parser.add_argument("--limit", type=int, default=6000, help="images of the slice")
     parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=2, help="timed runs per tree (median)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs per tree (median)")
     parser.add_argument("--out", type=Path, default=REPO / "reports/bench/overhead.json")
     args = parser.parse_args()
     env = {k: v for k, v in os.environ.items()
@@ -178,14 +178,19 @@ def main() -> None:
     env.update(PATH="/usr/local/bin:/usr/bin:/bin", GIT_AUTHOR_NAME="bench",
                GIT_AUTHOR_EMAIL="bench@localhost", GIT_COMMITTER_NAME="bench",
                GIT_COMMITTER_EMAIL="bench@localhost")
-    results = {}
+    trees = {"current": None}
+    if args.against:
+        trees = {"against": args.against, **trees}
     with tempfile.TemporaryDirectory(prefix="fmnist-overhead-") as tmp:
         root = Path(tmp)
-        # Alternating trees would share the machine's state more evenly, but each tree's
-        # runs reuse its repository: the order is baseline first, then this tree.
-        if args.against:
-            results["against"] = bench("against", args.against, root, args, env)
-        results["current"] = bench("current", None, root, args, env)
+        repos = {key: prepare(key, rev, root, args, env) for key, rev in trees.items()}
+        runs: dict[str, list[dict]] = {key: [] for key in trees}
+        # Alternating, so that neither tree gets the machine's cold or warm moments alone.
+        for i in range(args.runs):
+            for key, repo in repos.items():
+                runs[key].append(timed_run(repo, env, 43 + i, root / f"{key}-{i}.log"))
+    results = {key: {"rev": rev or "working tree", "runs": runs[key],
+                     "median": median_run(runs[key])} for key, rev in trees.items()}
     for key, result in results.items():
         print_table(f"{key} ({result['rev']}), median of {len(result['runs'])}",
                     result["median"])
