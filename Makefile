@@ -78,7 +78,7 @@ test: setup ## every test, every tier (tests/README.md gives the time of each)
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status
 
 test-fast: setup ## the inner loop: no pipeline, server, cluster or browser (under a minute)
-	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 test-e2e: setup ## tier: the pipeline's stages as processes (dvc repro, dvc exp run)
 	$(BIN)/python -m pytest -m e2e $(XDIST) $(PYTEST_ARGS)
