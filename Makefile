@@ -69,10 +69,11 @@ verify: repro ## reproduce, then check every committed metric (identical or with
 # tiers (tests/README.md): test-fast is the inner loop; test-e2e, test-services,
 # test-distributed and test-browser each run the scenarios that need that component.
 # PYTEST_ARGS passes more, e.g. `make test PYTEST_ARGS="-x -k team"`.
-# Two pytest-xdist workers: the slow tiers mostly wait on processes they start; the tests that
-# share a module-wide server or cluster stay on one worker (--dist loadgroup, xdist_group).
+# Two pytest-xdist workers: the slow tiers mostly wait on processes they start. --dist
+# loadscope keeps a module's tests on one worker, so a module-wide server, cluster or repository
+# is started once (xdist's loadgroup ignored the xdist_group marks under pytest 9.2 here).
 PYTEST_ARGS ?=
-XDIST ?= -n 2 --dist loadgroup
+XDIST ?= -n 2 --dist loadscope
 test: setup ## every test, every tier (tests/README.md gives the time of each)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status

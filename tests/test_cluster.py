@@ -238,7 +238,6 @@ def assert_study_landed(team, study):
 
 
 @pytest.mark.distributed
-@pytest.mark.xdist_group("dask")  # one worker: the cluster is module-wide
 def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
     proc = subprocess.run(study_command(team, "spread"), cwd=team["repo"], env=team["env"],
                           capture_output=True, text=True, timeout=1800)
@@ -256,7 +255,6 @@ def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
 
 
 @pytest.mark.distributed
-@pytest.mark.xdist_group("dask")  # one worker: the cluster is module-wide
 def test_a_worker_killed_mid_run_loses_nothing_and_leaves_no_process(team):
     holds, victim = team["holds"], "kill-baseline-s42"
     (holds / f"hold-{victim}-1").touch()
@@ -291,7 +289,6 @@ def _in_group(proc: psutil.Process, group: int) -> bool:
 
 
 @pytest.mark.distributed
-@pytest.mark.xdist_group("dask")  # one worker: the cluster is module-wide
 def test_a_runner_killed_and_started_again_trains_no_run_twice(team):
     holds, held = team["holds"], "restart-baseline-s42"
     (holds / f"hold-{held}-1").touch()

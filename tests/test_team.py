@@ -16,8 +16,7 @@ from . import services
 from .conftest import DVC, stranger_env
 from .repos import make_repo, run
 
-# One worker runs the module under pytest-xdist (its server and repository are module-wide).
-pytestmark = [pytest.mark.e2e, pytest.mark.services, pytest.mark.xdist_group("team")]
+pytestmark = [pytest.mark.e2e, pytest.mark.services]
 ADMIN = ("admin", "admin-test-password-1")
 EXPERIMENT = "fashion-mnist-crnn"
 
