@@ -13,9 +13,9 @@ hook (FMNIST_CRNN_TIMINGS, fmnist_crnn.timings), their shares: the interpreter a
 MLflow's import, opening the MLflow run, the training loop (train_seconds), the wait for the
 journal at the end, and the rest of the stage's own work (model logging and registration, sent
 by the journal's thread beside that work, are shown apart: the part the stage waited for is in
-the wait at the end); DVC's own time
-(starting, hashing and caching outputs, the lock) is the stage's wall less its process. The
-total outside training is the run's wall less train_seconds. A benchmark, not a test.
+the wait at the end); DVC's own time (starting, hashing and caching outputs, the lock) is the
+stage's wall less its process. The total outside training is the run's wall less
+train_seconds. A benchmark, not a test.
 
     PYTHONPATH=src python benchmarks/overhead.py --against HEAD~1 --out reports/bench/overhead.json
 """
