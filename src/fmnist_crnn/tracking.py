@@ -540,7 +540,7 @@ def send_pending(journal: Journal) -> int:
     import mlflow
 
     sent = 0
-    with journal.sending(), timings.span("mlflow_sends"):
+    with journal.sending():
         client = mlflow.MlflowClient(journal.meta["tracking_uri"])
         for entry in journal.pending():
             result = _send(client, journal, entry)
