@@ -99,21 +99,34 @@ def scatter_figure(points: Mapping[str, tuple[float, float]], xlabel: str, ylabe
 
 def images_figure(images: np.ndarray, titles: Sequence[str], cols: int = 8,
                   size: float = 1.4) -> Figure:
-    """Grayscale images (N, H, W) in a grid, one title each."""
-    n = len(images)
+    """Grayscale images (N, H, W) in a grid, one title each, each image scaled to its own
+    range (as one imshow per image would).
+
+    One tiled image on one axes rather than an axes per image: a grid of 32 axes cost about
+    0.45 s to draw and save on 2 cores, most of it making and measuring ticks that are never
+    shown."""
+    n, height_px, width_px = images.shape
     cols = max(1, min(cols, n))
     rows = max(1, -(-n // cols))
+    title_px = round(height_px * 0.3 / size)  # 0.3 inch above each image for its title
+    gap_px = max(1, round(width_px * 0.08))
+    tiles = np.full((rows * (title_px + height_px), cols * (width_px + gap_px) - gap_px),
+                    np.nan)
+    low = images.min(axis=(1, 2), keepdims=True)
+    span = images.max(axis=(1, 2), keepdims=True) - low
+    scaled = np.divide(images - low, span, out=np.zeros(images.shape), where=span > 0)
     height = rows * (size + 0.3) + 0.45
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, height), squeeze=False)
-    # Fixed margins: constrained layout costs about a second per grid, and a grid of equal
-    # images needs none (0.45 inch on top for a suptitle, 0.3 inch between rows for titles).
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.45 / height,
-                        wspace=0.08, hspace=0.3 / size)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, title in zip(axes.flat, images, titles, strict=False):
-        ax.imshow(image, cmap="gray")
-        ax.set_title(title, fontsize=7)
+    fig = plt.figure(figsize=(cols * size, height))
+    ax = fig.add_axes((0.01, 0.01, 0.98, 0.99 - 0.45 / height))
+    ax.axis("off")
+    for i, (image, title) in enumerate(zip(scaled, titles, strict=False)):
+        top, left = (i // cols) * (title_px + height_px) + title_px, (i % cols) * (
+            width_px + gap_px)
+        tiles[top:top + height_px, left:left + width_px] = image
+        ax.text(left + (width_px - 1) / 2, top - 1, title, fontsize=7, ha="center",
+                va="bottom")
+    cmap = plt.get_cmap("gray").with_extremes(bad="white")  # NaN: the space between images
+    ax.imshow(tiles, cmap=cmap, vmin=0, vmax=1, interpolation="nearest")
     return fig
 
 
