@@ -28,7 +28,7 @@ def test_every_check_but_nccl_runs_on_the_cpu(tmp_path):
     require_data()
     out = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"),
-                           "--device", "cpu", "--limit", "2000", "--epochs", "1",
+                           "--device", "cpu", "--limit", "1000", "--epochs", "1",
                            "--out", str(out)], capture_output=True, text=True, timeout=900,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO / "src")})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

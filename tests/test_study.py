@@ -188,6 +188,17 @@ def test_variant_command_is_one_dvc_exp_run():
                        "-S 'model.dropout=[0.1,0.1,0.1]'")
 
 
+def test_run_help_fits_one_screen_and_names_where_the_variants_are(capsys):
+    from fmnist_crnn.study.__main__ import main
+
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    text = capsys.readouterr().out
+    assert len(text.splitlines()) <= 40
+    words = " ".join(text.split())  # as argparse wrapped it to the terminal's width
+    assert "kernels555" not in words and "`python -m fmnist_crnn.study commands`" in words
+
+
 def record(variant, seed, acc):
     return {"name": f"s-{variant}-{seed}", "study": "s", "variant": variant, "seed": seed,
             "epochs": 20, "limit": None, "test_accuracy": acc, "test_loss": 1 - acc,

@@ -163,9 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="queue the variants, run the queue, record, compare")
     run.add_argument("--variants", nargs="+", default=list(catalog.VARIANTS),
-                     choices=list(catalog.ALL_VARIANTS),
+                     choices=list(catalog.ALL_VARIANTS), metavar="VARIANT",
                      help="default: the study's ablations; the recipe's steps are "
-                     f"{', '.join(catalog.RECIPE_VARIANTS)}")
+                     f"{', '.join(catalog.RECIPE_VARIANTS)}; every variant, with its "
+                     "command: `python -m fmnist_crnn.study commands`")
     run.add_argument("--seeds", type=int, default=1, help="seeds per variant (train.seed + i)")
     run.add_argument("--first-seed", type=int, help="first seed (default train.seed)")
     run.add_argument("--epochs", type=int, help="override train.epochs (cheap mode)")
