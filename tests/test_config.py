@@ -50,6 +50,10 @@ def test_repository_params_are_the_study_baseline():
     ("augment", "vflip", True, "unknown key 'augment.vflip'"),
     ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
     ("evaluate", "tta_shift", -1, "'evaluate.tta_shift'"),
+    ("evaluate", "tta_shift", 28, "'evaluate.tta_shift'.*28-pixel image is blank"),
+    ("augment", "crop_padding", 28, "'augment.crop_padding'"),
+    ("tracking", "champion_alias", "", "'tracking.champion_alias'"),
+    ("tracking", "registered_model_name", "a/b", "'tracking.registered_model_name'"),
     ("train", "amp_validation", True, "'train.amp_validation'.*while train.amp is false"),
 ])
 def test_bad_values_name_the_key(section, key, value, fragment):
@@ -116,3 +120,38 @@ def test_flat_keys_match_params_yaml():
     assert expected <= set(flat)
     assert flat["model.hidden_dim"] == 128
     assert flat["model.channels"] == [32, 64, 128]
+
+
+NAMES = ["fashion-mnist-crnn", "", " ", "a/b", "a:b", ".", "..", "../x", "/x", "x/", ".hidden",
+         "two words", "ünïcode"]
+ALIASES = ["champion", "", "latest", "Latest", "v3", "V12", "v3a", "best_2", "has space",
+           "dot.ted", "ünïcode", "x" * 255, "x" * 256]
+
+
+def _mlflow_accepts(check, *args) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        check(*args)
+    except MlflowException:
+        return False
+    return True
+
+
+@pytest.mark.parametrize(("name", "alias"), [(n, "champion") for n in NAMES]
+                         + [("fashion-mnist-crnn", a) for a in ALIASES])
+def test_registry_names_are_refused_exactly_when_mlflow_refuses_them(name, alias):
+    """The validate stage refuses what MLflow's registry would refuse, and nothing else."""
+    from mlflow.utils import validation
+
+    expected = _mlflow_accepts(validation._validate_model_name, name) and (
+        _mlflow_accepts(validation._validate_model_alias_name, alias)
+        and _mlflow_accepts(validation._validate_model_alias_name_reserved, alias))
+    raw = raw_params()
+    raw["tracking"].update(registered_model_name=name, champion_alias=alias)
+    try:
+        params_from_dict(raw)
+        accepted = True
+    except ConfigError:
+        accepted = False
+    assert accepted == expected

@@ -9,6 +9,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+from mlflow.protos import databricks_pb2 as codes
 
 from fmnist_crnn import tracking
 from fmnist_crnn.config import ModelConfig
@@ -78,6 +79,38 @@ def test_continuing_a_missing_run_is_a_clear_error(repo):
     with pytest.raises(tracking.TrackingError, match="0123abc"):
         with tracking.start_run("exp", run_id="0123abc"):
             pass
+
+
+def test_a_refused_call_fails_the_run_in_one_line_and_is_never_replayed(repo, capsys):
+    """A store that answers "no" is not a store that is away: nothing waits for a sync."""
+    from fmnist_crnn.journal import Journal
+
+    with pytest.raises(tracking.Refused, match=r"refused 1 call\(s\) of run \w+: params "):
+        with tracking.start_run("exp") as run:
+            tracking.log_params({"bad?key": 1})  # MLflow refuses the name
+            tracking.log_metrics({"acc": 0.5}, step=1)
+    stored = mlflow.get_run(run.info.run_id)
+    assert stored.info.status == "FAILED"
+    assert stored.data.metrics == {"acc": 0.5}  # the calls after the refused one went
+    assert Journal.find(repo, run.info.run_id).pending() == []
+    assert "did not answer" not in capsys.readouterr().err
+    assert tracking.sync(repo) == 0  # nothing kept for replay
+    assert "nothing to send" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("error", "is_refusal"), [
+    (mlflow.exceptions.MlflowException("Registered model alias name cannot be empty.",
+                                       codes.INVALID_PARAMETER_VALUE), True),
+    (mlflow.exceptions.MlflowException("denied", codes.PERMISSION_DENIED), True),
+    (mlflow.exceptions.MlflowException("API request failed: Connection refused"), False),
+    (mlflow.exceptions.MlflowException("database is locked", codes.TEMPORARILY_UNAVAILABLE),
+     False),
+    (mlflow.exceptions.MlflowException("UNIQUE constraint failed", codes.BAD_REQUEST), False),
+    (ConnectionError("reset by peer"), False),
+    (TypeError("unexpected keyword argument"), True),
+])
+def test_a_refusal_is_told_apart_from_a_store_that_does_not_answer(error, is_refusal):
+    assert tracking.refused("sqlite:///x.db", error) is is_refusal
 
 
 def _logged_tiny_model(folder) -> tuple[str, CRNN]:

@@ -8,6 +8,8 @@ No torch here: every stage (and the tests) can load parameters cheaply.
 from __future__ import annotations
 
 import dataclasses
+import posixpath
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -17,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 from fmnist_crnn.errors import ConfigError
+
+IMAGE_SIDE = 28  # Fashion-MNIST's images are 28 x 28 pixels
 
 
 @dataclass(frozen=True)
@@ -174,8 +178,9 @@ class AugmentConfig:
     erasing: float = 0.0  # probability of erasing a random rectangle (RandomErasing's ranges)
 
     def __post_init__(self) -> None:
-        _check(self.crop_padding >= 0, "augment.crop_padding", self.crop_padding,
-               "an integer >= 0")
+        _check(0 <= self.crop_padding < IMAGE_SIDE, "augment.crop_padding", self.crop_padding,
+               f"an integer from 0 to {IMAGE_SIDE - 1} (a crop padded by the whole "
+               f"{IMAGE_SIDE}-pixel image can be all padding)")
         _check(0 <= self.erasing <= 1, "augment.erasing", self.erasing,
                "a probability in [0, 1]")
 
@@ -188,7 +193,9 @@ class EvaluateConfig:
     tta_shift: int = 0  # also the image moved this many pixels up, down, left, right
 
     def __post_init__(self) -> None:
-        _check(self.tta_shift >= 0, "evaluate.tta_shift", self.tta_shift, "an integer >= 0")
+        _check(0 <= self.tta_shift < IMAGE_SIDE, "evaluate.tta_shift", self.tta_shift,
+               f"an integer from 0 to {IMAGE_SIDE - 1} (a view moved by the whole "
+               f"{IMAGE_SIDE}-pixel image is blank)")
 
 
 @dataclass(frozen=True)
@@ -206,6 +213,20 @@ class TrackingConfig:
     def __post_init__(self) -> None:
         _check(bool(self.experiment_name.strip()), "tracking.experiment_name",
                self.experiment_name, "a non-empty name")
+        # What MLflow's registry refuses, refused here before anything runs
+        # (tests/test_config.py checks these rules against MLflow's own).
+        name = self.registered_model_name
+        if name is not None:
+            _check(bool(name.strip()) and not any(c in name for c in "/:")
+                   and posixpath.normpath(name) == name and name != "."
+                   and not name.startswith(("..", "/")),
+                   "tracking.registered_model_name", name,
+                   "null or a non-empty name without '/' or ':' that is not a relative path")
+            alias = self.champion_alias
+            _check(bool(re.fullmatch(r"[\w\-]{1,255}", alias)) and alias.lower() != "latest"
+                   and not re.fullmatch(r"[vV]\d+", alias), "tracking.champion_alias", alias,
+                   "1-255 letters, digits, '_' or '-', not 'latest' nor a version "
+                   "such as 'v3'")
 
 
 @dataclass(frozen=True)

@@ -115,15 +115,42 @@ def _with_retries(uri: str, call: Any, attempts: int = 5) -> Any:
             return call()
         except Exception as exc:  # connection errors surface as several exception types
             text = str(exc)
-            busy = uri.startswith("sqlite") and any(
-                s in text for s in ("locked", "already exists", "UNIQUE constraint failed"))
-            if busy and attempt < attempts - 1:
+            if _busy(uri, exc) and attempt < attempts - 1:
                 time.sleep(0.5 + random.random() * (attempt + 1))
                 continue
             raise TrackingError(f"cannot use the MLflow tracking store at {uri}: "
                                 f"{type(exc).__name__}: {text[:300]}. Start the server, or unset "
                                 "MLFLOW_TRACKING_URI to use the local store.") from None
     raise AssertionError("unreachable")
+
+
+def _busy(uri: str, exc: Exception) -> bool:
+    """A local SQLite store that another process is writing to: the same call succeeds later."""
+    return uri.startswith("sqlite") and any(
+        s in str(exc) for s in ("locked", "already exists", "UNIQUE constraint failed"))
+
+
+def refused(uri: str, exc: Exception) -> bool:
+    """Whether the store answered "no" (an invalid name or value, a permission denied, a run
+    it does not have), so that the same call would be refused again, rather than not
+    answering (no connection, a timeout, a 5xx, a busy SQLite file), which waiting cures.
+    A call that fails before reaching the store (TypeError, ValueError) is no outage either."""
+    import mlflow
+
+    if isinstance(exc, mlflow.exceptions.MlflowException):
+        status = exc.get_http_status_code()
+        return 400 <= status < 500 and status not in (408, 429) and not _busy(uri, exc)
+    return isinstance(exc, (TypeError, ValueError, KeyError, AttributeError))
+
+
+class Refused(TrackingError):
+    """The store refused calls of a run: each is marked handled in the journal, with the
+    store's message, and never sent again."""
+
+    def __init__(self, run_id: str, messages: list[str]) -> None:
+        self.messages = messages
+        super().__init__(f"MLflow refused {len(messages)} call(s) of run {run_id}: "
+                         + "; ".join(messages))
 
 
 def run_exists(run_id: str) -> bool:
@@ -234,6 +261,7 @@ class _Sender:
         logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         self.journal = journal
         self.error: Exception | None = None
+        self.refusals: list[str] = []
         self._wake = threading.Event()
         self._closing = False
         self._thread = threading.Thread(target=self._loop, name="mlflow-journal", daemon=True)
@@ -250,7 +278,10 @@ class _Sender:
             try:
                 send_pending(self.journal)
                 self.error = None
-            except Exception as exc:  # noqa: BLE001 (any failure: keep the entries, retry)
+            except Refused as exc:  # handled in the journal: reported when the run ends
+                self.refusals.extend(exc.messages)
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 (no answer: keep the entries, retry)
                 self.error = exc
             if closing:
                 return
@@ -304,9 +335,18 @@ def start_run(experiment_name: str | None, run_id: str | None = None,
         raise
     finally:
         _active = _sender = None
-        journal.append("end", status=status, end_time=_now_ms())
         with timings.span("mlflow_wait_at_end"):
-            sender.close()
+            sender.close()  # what the body logged: any refusal is known after this
+            if sender.refusals and status == "FINISHED":
+                status = "FAILED"  # a run the store refused a call of is not complete
+            journal.append("end", status=status, end_time=_now_ms())
+            if sender.error is None:  # the store answers: the end goes now, else it waits
+                try:
+                    send_pending(journal)
+                except Refused as exc:
+                    sender.refusals.extend(exc.messages)
+                except Exception as exc:  # noqa: BLE001 (no answer: the end waits for sync)
+                    sender.error = exc
         _restore_sigterm(previous)
         pending = journal.pending()
         if pending:
@@ -314,6 +354,8 @@ def start_run(experiment_name: str | None, run_id: str | None = None,
                   f"{status}) wait in {journal.folder}: {journal.meta['tracking_uri']} did not "
                   f"answer ({_short(sender.error)}); send them with `python -m "
                   "fmnist_crnn.tracking sync`", file=sys.stderr, flush=True)
+    if sender.refusals:  # the body ended without an error of its own
+        raise Refused(journal.run_id, sender.refusals)
 
 
 def _open_on_store(root: Path, experiment_name: str | None, run_id: str | None,
@@ -535,17 +577,30 @@ def register_and_promote(model_uri: str, name: str, alias: str, test_accuracy: f
 
 
 def send_pending(journal: Journal) -> int:
-    """Send the journal's pending entries in order; returns how many were sent. Raises what
-    the store raised, with every entry before the failing one marked as sent."""
+    """Send the journal's pending entries in order; returns how many were sent. A call the
+    store refuses is marked handled (never sent again) and the rest go on; Refused names them
+    at the end. A store that does not answer: raises what it raised, every entry before that
+    one marked as sent."""
     import mlflow
 
-    sent = 0
+    sent, refusals = 0, []
     with journal.sending():
-        client = mlflow.MlflowClient(journal.meta["tracking_uri"])
+        uri = journal.meta["tracking_uri"]
+        client = mlflow.MlflowClient(uri)
         for entry in journal.pending():
-            result = _send(client, journal, entry)
+            try:
+                result = _send(client, journal, entry)
+            except Exception as exc:
+                if not refused(uri, exc):
+                    raise  # the store did not answer: this entry and the rest wait
+                message = f"{entry['op']} (entry {entry['seq']}): {_short(exc)}"
+                journal.mark_sent(entry["seq"], {"refused": message})
+                refusals.append(message)
+                continue
             journal.mark_sent(entry["seq"], result)
             sent += 1
+    if refusals:
+        raise Refused(journal.run_id, refusals)
     return sent
 
 
@@ -826,6 +881,10 @@ def sync(root: Path) -> int:
         waiting = len(journal.pending())
         try:
             sent = send_pending(journal)
+        except Refused as exc:  # handled: the next sync does not try them again
+            left += 1
+            print(f"run {journal.run_id}: {exc}", file=sys.stderr)
+            continue
         except Exception as exc:  # noqa: BLE001 (report, keep the rest for the next sync)
             left += 1
             print(f"run {journal.run_id}: {len(journal.pending())} of {waiting} call(s) still "
