@@ -160,6 +160,32 @@ def test_server_down_until_after_the_run_then_sync_completes_it(server, tracked_
     assert_complete_run(server.url, run_id, epochs=4)
 
 
+def test_a_run_started_while_the_server_is_away_waits_for_it(server, tmp_path):
+    """The server stopped (a restart) when a run is created: the stage waits, says so on one
+    line, and the run is created once the server answers."""
+    (tmp_path / ".dvc").mkdir()
+    server.stop()
+    code = ("from fmnist_crnn import tracking\n"
+            "with tracking.start_run('fashion-mnist-crnn') as run:\n"
+            "    tracking.log_metrics({'acc': 0.5}, step=1)\n"
+            "print(run.info.run_id)\n")
+    env = {**services.stranger_base_env(), "MLFLOW_TRACKING_URI": server.url,
+           "FMNIST_TRACKING_WAIT_S": "300", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    before = []  # blocks until the stage says it waits (or ends: then the assert shows why)
+    while "does not answer" not in (line := proc.stderr.readline()) and line:
+        before.append(line)
+    first = "".join(before) + line
+    assert f"MLflow: {server.url} does not answer" in line and "at most 300 s" in line, first
+    server.start()
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, first + err[-3000:]
+    [created] = runs_of(server.url)
+    assert created.info.run_id == out.split()[-1] and created.info.status == "FINISHED"
+    assert steps(server.url, created.info.run_id, "acc") == [1]
+
+
 def test_a_run_stopped_by_sigterm_ends_killed_not_running(server, tracked_repo):
     repo, env, holds = tracked_repo
     proc = start_held(repo, env, holds, "term", 2)

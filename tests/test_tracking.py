@@ -58,8 +58,29 @@ def test_env_uri_overrides_the_default(repo, monkeypatch, tmp_path):
 
 def test_unreachable_server_fails_fast_naming_the_uri(repo, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    with pytest.raises(tracking.TrackingError, match="http://127.0.0.1:9"):
+    monkeypatch.setenv(tracking.WAIT_ENV, "0")
+    with pytest.raises(tracking.TrackingError, match="http://127.0.0.1:9: "):
         tracking.configure("exp")
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "nan"])
+def test_a_bad_wait_bound_is_an_error_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv(tracking.WAIT_ENV, value)
+    with pytest.raises(tracking.TrackingError, match=f"{tracking.WAIT_ENV}='{value}'"):
+        tracking.wait_bound()
+
+
+def test_a_local_store_is_never_waited_for(repo, monkeypatch):
+    monkeypatch.setenv(tracking.WAIT_ENV, "600")
+    calls = []
+
+    def refuse_to_open():
+        calls.append(1)
+        raise OSError("unable to open database file")
+
+    with pytest.raises(tracking.TrackingError, match="unable to open"):
+        tracking._with_retries("sqlite:///nowhere/mlflow.db", refuse_to_open)
+    assert calls == [1]
 
 
 def test_run_gets_name_and_tags_from_dvc_and_failure_marks_it(repo, monkeypatch):

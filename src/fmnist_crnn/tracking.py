@@ -102,26 +102,61 @@ def configure(experiment_name: str) -> str:
         return mlflow.get_experiment_by_name(experiment_name).experiment_id
 
 
-def _with_retries(uri: str, call: Any, attempts: int = 5) -> Any:
-    """Call ``call``; retry briefly when a local SQLite store is busy.
+# How long creating a run waits for a tracking server that does not answer (a restart, an
+# upgrade): an environment variable, not a params.yaml key, because changing it must not
+# re-run training.
+WAIT_ENV = "FMNIST_TRACKING_WAIT_S"
+DEFAULT_WAIT_S = 600.0
+SAY_EVERY_S = 60.0
 
-    Two queued experiments running at once may both create the store's tables, or insert the
-    same dataset or registered model, at the same moment; MLflow checks, then inserts, so one
-    of them gets "database is locked", "already exists" or "UNIQUE constraint failed". Once
-    the other's write is in, the same call succeeds.
+
+def wait_bound() -> float:
+    """Seconds to wait for a server that does not answer: $FMNIST_TRACKING_WAIT_S or 600."""
+    value = os.environ.get(WAIT_ENV, "").strip()
+    try:
+        bound = float(value) if value else DEFAULT_WAIT_S
+    except ValueError:
+        bound = -1.0
+    if not bound >= 0:  # also NaN
+        raise TrackingError(f"{WAIT_ENV}={value!r}: expected a number of seconds >= 0")
+    return bound
+
+
+def _with_retries(uri: str, call: Any, attempts: int = 5, wait_s: float | None = None) -> Any:
+    """Call ``call``; retry while the store cannot answer yet, and fail on a refusal.
+
+    A server that does not answer (stopped, restarting) is waited for up to ``wait_s``
+    seconds (default ``wait_bound()``), with one line when the wait starts and one a minute.
+    Two queued experiments running at once may both create a local SQLite store's tables, or
+    insert the same dataset or registered model, at the same moment; MLflow checks, then
+    inserts, so one of them gets "database is locked", "already exists" or "UNIQUE constraint
+    failed": retried ``attempts`` times, since once the other's write is in, the same call
+    succeeds. A local store is never waited for: no server is coming back.
     """
-    for attempt in range(attempts):
+    remote = not uri.startswith(("sqlite:", "file:", "/")) and "://" in uri
+    bound = wait_bound() if wait_s is None and remote else (wait_s or 0.0)
+    started, said, busy_tries = time.monotonic(), None, 0
+    while True:
         try:
             return call()
         except Exception as exc:  # connection errors surface as several exception types
-            text = str(exc)
-            if _busy(uri, exc) and attempt < attempts - 1:
-                time.sleep(0.5 + random.random() * (attempt + 1))
+            if _busy(uri, exc) and busy_tries < attempts - 1:
+                busy_tries += 1
+                time.sleep(0.5 + random.random() * busy_tries)
                 continue
-            raise TrackingError(f"cannot use the MLflow tracking store at {uri}: "
-                                f"{type(exc).__name__}: {text[:300]}. Start the server, or unset "
-                                "MLFLOW_TRACKING_URI to use the local store.") from None
-    raise AssertionError("unreachable")
+            waited = time.monotonic() - started
+            if remote and not refused(uri, exc) and waited < bound:
+                if said is None or time.monotonic() - said >= SAY_EVERY_S:
+                    print(f"MLflow: {uri} does not answer ({_short(exc)}); waiting for it, "
+                          f"{waited:.0f} of at most {bound:.0f} s ({WAIT_ENV})",
+                          file=sys.stderr, flush=True)
+                    said = time.monotonic()
+                time.sleep(min(RETRY_S, bound - waited))
+                continue
+            after = f" after waiting {waited:.0f} s" if remote and waited >= bound > 0 else ""
+            raise TrackingError(f"cannot use the MLflow tracking store at {uri}{after}: "
+                                f"{type(exc).__name__}: {str(exc)[:300]}. Start the server, or "
+                                "unset MLFLOW_TRACKING_URI to use the local store.") from None
 
 
 def _busy(uri: str, exc: Exception) -> bool:
