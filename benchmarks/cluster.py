@@ -28,9 +28,9 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from fmnist_crnn.testing import services  # the loopback processes the tests start
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from tests import services  # noqa: E402 (the same loopback processes the tests start)
 
 COPIED = ("dvc.yaml", "params.yaml", "stages", "src", ".gitignore", ".dvcignore")
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from fmnist_crnn.data import RawFile
+from fmnist_crnn.testing.services import ServiceUnavailable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -93,3 +94,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef, request):
+    """A service that is not installed here skips its scenarios, except in CI, where a missing
+    service is a failure (fmnist_crnn.testing.services)."""
+    try:
+        return (yield)
+    except ServiceUnavailable as exc:
+        if os.environ.get("CI"):
+            pytest.fail(str(exc))
+        pytest.skip(str(exc))

@@ -18,7 +18,8 @@ import mlflow
 import psutil
 import pytest
 
-from . import services
+from fmnist_crnn.testing import services
+
 from .conftest import DVC
 from .repos import make_repo, run
 
@@ -221,12 +222,15 @@ def team(tmp_path_factory):
                   "FMNIST_CRNN_HOLD_DIR": str(holds)}
     try:
         cluster.start_scheduler(worker_env)
-        for name in ("w1", "w2"):
-            cluster.start_worker({**worker_env, "FMNIST_STUDY_WORKDIR": str(workdir / name)},
-                                 name)
+        def start_worker(name: str) -> subprocess.Popen:
+            return cluster.start_worker(
+                {**worker_env, "FMNIST_STUDY_WORKDIR": str(workdir / name)}, name)
+
+        workers = {name: start_worker(name) for name in ("w1", "w2")}
         cluster.wait_for_workers(2)
         yield {"repo": repo, "env": env, "remote": remote, "cluster": cluster,
-               "server": srv, "holds": holds, "workdir": workdir}
+               "server": srv, "holds": holds, "workdir": workdir, "workers": workers,
+               "start_worker": start_worker}
     finally:
         cluster.stop()
         srv.stop()
@@ -301,10 +305,50 @@ def test_a_worker_killed_mid_run_loses_nothing_and_leaves_no_process(team):
     out, _ = runner.communicate(timeout=1800)
     assert runner.returncode == 0, out[-4000:]
     records, runs = assert_study_landed(team, "kill")
-    victims = [r for r in runs if r.data.tags["dvc_exp_name"] == victim]
-    # The killed attempt's run ended KILLED, or the retry resumed it from its checkpoint.
-    assert all(r.info.status in ("FINISHED", "KILLED") for r in victims)
-    assert len(victims) in (1, 2)
+    # Exactly one FINISHED run of the victim: the killed attempt's ended KILLED, or the retry
+    # continued it from its checkpoint.
+    assert_one_finished(runs, victim)
+
+
+def assert_one_finished(runs, name) -> None:
+    statuses = sorted(r.info.status for r in runs if r.data.tags["dvc_exp_name"] == name)
+    assert statuses in (["FINISHED"], ["FINISHED", "KILLED"]), statuses
+
+
+@pytest.mark.distributed
+def test_a_worker_killed_with_its_process_group_leaves_one_finished_run(team):
+    """SIGKILL to the worker's whole process group (as a terminal, a supervisor or a batch
+    system sends it) kills the attempt's guard too: the stage notices and stops the attempt."""
+    holds, victim = team["holds"], "group-baseline-s42"
+    (holds / f"hold-{victim}-1").touch()
+    runner = start_study(team, "group")
+    wait_for(holds / f"at-{victim}-1", runner)
+    stage = psutil.Process(int((holds / f"at-{victim}-1").read_text()))
+    attempt_group = os.getpgid(stage.pid)
+    worker_pids = set(team["cluster"].wait_for_workers(2).values())
+    [worker] = [p for p in stage.parents() if p.pid in worker_pids]
+    worker_group = os.getpgid(worker.pid)  # `dask worker`: its nanny, the worker, the guard
+    [name] = [n for n, proc in team["workers"].items() if proc.pid == worker_group]
+    attempt = [p for p in psutil.process_iter() if _in_group(p, attempt_group)]
+    assert attempt_group != worker_group and len(attempt) >= 2
+    try:
+        os.killpg(worker_group, signal.SIGKILL)
+        (holds / f"hold-{victim}-1").unlink()
+        deadline = time.monotonic() + 90
+        while [p for p in attempt if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            assert time.monotonic() < deadline, "a process of the killed attempt kept running"
+            time.sleep(0.5)
+        out, _ = runner.communicate(timeout=1800)
+        assert runner.returncode == 0, out[-4000:]
+        records, runs = assert_study_landed(team, "group")
+        assert_one_finished(runs, victim)
+        # The stage stopped the attempt itself: its guard was dead too.
+        log = next((team["workdir"] / name).glob(f"clone-*-{victim}.log")).read_text()
+        assert "attempt guard" in log and "is gone" in log, log[-3000:]
+        assert not [r for r in runs if r.info.status == "RUNNING"]
+    finally:
+        team["workers"][name] = team["start_worker"](name)
+        team["cluster"].wait_for_workers(2)
 
 
 def _in_group(proc: psutil.Process, group: int) -> bool:

@@ -12,6 +12,7 @@ import torch
 
 from fmnist_crnn import data, distributed
 from fmnist_crnn.config import SplitConfig
+from fmnist_crnn.testing.services import free_port
 
 from .conftest import REPO, idx_bytes, synthetic_arrays
 from .test_reliability import (
@@ -104,7 +105,6 @@ def documented_torchrun_command() -> str:
 
 @pytest.mark.distributed
 def test_the_documented_multi_machine_torchrun_command_trains_on_two_nodes(tmp_path):
-    from .services import free_port
     from .test_reliability import write_params
 
     folder = tmp_path / "node"

@@ -11,8 +11,9 @@ import pytest
 
 from fmnist_crnn import tracking
 from fmnist_crnn.study import catalog, publish
+from fmnist_crnn.testing import services
 
-from . import browser, services
+from . import browser
 from .conftest import REPO
 
 RECORDS = REPO / "reports" / "study" / "runs" / "ablation"

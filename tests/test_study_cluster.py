@@ -78,6 +78,43 @@ def test_sigterm_to_an_attempt_stops_its_command():
     assert proc.wait(timeout=60) == 143
 
 
+def test_a_stage_stops_its_process_group_when_its_guard_is_killed():
+    """The guard SIGKILLed with its worker: the stage notices and stops its own group."""
+    from fmnist_crnn import guard
+
+    src = str(Path(cluster.__file__).parents[2])
+    attempt_guard = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    stage = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom fmnist_crnn import guard\n"
+         "guard.watch(poll_s=0.1, grace_s=10)\nprint('watching', flush=True)\n"
+         "time.sleep(300)"],
+        env={**os.environ, "PYTHONPATH": src, guard.ENV: guard.identity(attempt_guard.pid)},
+        start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert stage.stdout.readline() == "watching\n"
+        time.sleep(0.5)  # five polls: a living guard stops nothing
+        assert stage.poll() is None
+        attempt_guard.kill()
+        attempt_guard.wait()
+        assert stage.wait(timeout=30) == -signal.SIGTERM
+        assert "attempt guard" in stage.stderr.read()
+    finally:
+        for proc in (attempt_guard, stage):
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_the_attempt_names_itself_to_its_command():
+    out = subprocess.run([sys.executable, "-m", "fmnist_crnn.study.attempt", str(os.getpid()),
+                          "--", sys.executable, "-c",
+                          "import os; print(os.environ['FMNIST_ATTEMPT_GUARD'])"],
+                         env={**os.environ,
+                              "PYTHONPATH": str(Path(cluster.__file__).parents[2])},
+                         capture_output=True, text=True, check=True).stdout
+    pid = out.split(":")[0]
+    assert pid.isdigit() and int(pid) != os.getpid()
+
+
 @pytest.mark.parametrize(("study", "worker", "expected"), [
     ("http://mlflow-host:5000", "http://mlflow-host:5000/", "http://mlflow-host:5000/"),
     ("http://mlflow-host:5000", None, "http://mlflow-host:5000"),

@@ -12,7 +12,8 @@ import urllib.request
 import mlflow
 import pytest
 
-from . import services
+from fmnist_crnn.testing import services
+
 from .conftest import DVC, stranger_env
 from .repos import make_repo, run
 

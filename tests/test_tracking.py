@@ -14,9 +14,9 @@ from mlflow.protos import databricks_pb2 as codes
 from fmnist_crnn import tracking
 from fmnist_crnn.config import ModelConfig
 from fmnist_crnn.model import CRNN, save_model
+from fmnist_crnn.testing.services import free_port
 
 from .conftest import activated, stranger_env
-from .services import free_port
 
 
 @pytest.fixture
@@ -132,6 +132,27 @@ def test_a_refused_call_fails_the_run_in_one_line_and_is_never_replayed(repo, ca
 ])
 def test_a_refusal_is_told_apart_from_a_store_that_does_not_answer(error, is_refusal):
     assert tracking.refused("sqlite:///x.db", error) is is_refusal
+
+
+def test_a_retry_ends_the_runs_an_earlier_attempt_left_running(repo):
+    uri = tracking.tracking_uri()
+    client = mlflow.MlflowClient(uri)
+    experiment_id = tracking.configure("exp")
+
+    def run(name, study="s"):
+        return client.create_run(experiment_id, tags={"study": study, "dvc_exp_name": name})
+
+    orphan, finished, other, elsewhere = run("s-a-s42"), run("s-a-s42"), run("s-b-s42"), run(
+        "s-a-s42", study="t")
+    client.set_terminated(finished.info.run_id, "FINISHED")
+    ended = tracking.end_leftover_runs(uri, "exp", "s", "s-a-s42", "replaced by attempt 2")
+    assert ended == [orphan.info.run_id]
+    stored = client.get_run(orphan.info.run_id)
+    assert stored.info.status == "KILLED"
+    assert stored.data.tags["fmnist.ended_by"] == "replaced by attempt 2"
+    assert [client.get_run(r.info.run_id).info.status for r in (finished, other, elsewhere)] == [
+        "FINISHED", "RUNNING", "RUNNING"]
+    assert tracking.end_leftover_runs(uri, "absent", "s", "s-a-s42", "x") == []
 
 
 def _logged_tiny_model(folder) -> tuple[str, CRNN]:

@@ -7,7 +7,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from fmnist_crnn import timings
+from fmnist_crnn import guard, timings
 from fmnist_crnn.config import DeclaredParams, Params, load_params
 from fmnist_crnn.errors import ProjectError, Terminated
 
@@ -27,6 +27,7 @@ def run(main: Callable[[argparse.Namespace, Params], None], p: argparse.Argument
     (both after the tracked run has been ended KILLED).
     """
     args = p.parse_args()
+    guard.watch()  # under a study attempt: stop when its guard is gone
     startup = timings.since_process_start() if timings.enabled() else 0.0
     started = time.perf_counter()
     try:

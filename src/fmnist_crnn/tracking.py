@@ -188,6 +188,28 @@ class Refused(TrackingError):
                          + "; ".join(messages))
 
 
+def end_leftover_runs(uri: str, experiment_name: str, study: str, name: str,
+                      note: str) -> list[str]:
+    """End as KILLED, tagged ``fmnist.ended_by``=``note``, every run named ``name`` of
+    ``study`` still RUNNING on ``uri``: an earlier attempt of a study run whose machine went
+    away with no process left to end it. The caller holds the run's lock, so no attempt of it
+    runs elsewhere. Returns their ids."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = _with_retries(uri, lambda: client.get_experiment_by_name(experiment_name))
+    if experiment is None:
+        return []
+    query = (f"tags.study = '{study}' and tags.dvc_exp_name = '{name}' "
+             "and attributes.status = 'RUNNING'")
+    runs = _with_retries(uri, lambda: client.search_runs([experiment.experiment_id], query,
+                                                          max_results=100))
+    for run in runs:
+        _with_retries(uri, lambda r=run: client.set_tag(r.info.run_id, "fmnist.ended_by", note))
+        _with_retries(uri, lambda r=run: client.set_terminated(r.info.run_id, "KILLED"))
+    return [run.info.run_id for run in runs]
+
+
 def run_exists(run_id: str) -> bool:
     """Whether the run is in this repository's journal or on the store."""
     import mlflow

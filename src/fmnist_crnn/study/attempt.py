@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from fmnist_crnn import guard
+
 GRACE_S = 30.0
 PR_SET_PDEATHSIG = 1
 
@@ -74,7 +76,10 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    proc = subprocess.Popen(command, start_new_session=True)
+    # The stages watch this process (fmnist_crnn.guard): if it is killed with its worker,
+    # they stop the group themselves.
+    proc = subprocess.Popen(command, start_new_session=True,
+                            env={**os.environ, **guard.env_for_children()})
     while True:
         if stopping or os.getppid() != parent:
             print(f"attempt: the process that started it is gone or asked to stop; stopping "

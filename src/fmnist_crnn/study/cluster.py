@@ -14,7 +14,9 @@ A task (``run_one``), on its worker:
    never share a working tree), fetched and checked out at the study's commit;
 3. if the git remote already holds the experiment (``refs/exps/.../NAME``: an attempt whose
    result never reached a runner), builds the record from it and stops there;
-4. else ``dvc pull`` (what the remote has of the commit's outputs), ``dvc exp run -n NAME -S
+4. else ends any MLflow run of the same name and study an earlier attempt left RUNNING
+   (its machine gone: KILLED, tagged ``fmnist.ended_by``), ``dvc pull`` (what the remote has
+   of the commit's outputs), ``dvc exp run -n NAME -S
    ...`` in the clone's workspace as a process group that dies with the worker
    (fmnist_crnn.study.attempt), ``dvc exp push`` (git ref and DVC outputs to the remotes);
 5. returns the run's record, built from the experiment's commit, which the runner writes and
@@ -105,6 +107,14 @@ def _run_in_clone(spec: dict[str, Any], clone: Path) -> dict[str, Any]:
     started = time.perf_counter()
     _dvc(["pull", "--allow-missing", "-q"], clone, env, check=False)
     timings["pull_s"] = time.perf_counter() - started
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    ended = tracking.end_leftover_runs(
+        env["MLFLOW_TRACKING_URI"], params["tracking"]["experiment_name"], spec["study"], name,
+        f"left RUNNING by an earlier attempt; ended by the attempt on {socket.gethostname()} "
+        f"(pid {os.getpid()}), which runs it again (or continues it from this clone)")
+    if ended:
+        print(f"{name}: ended {len(ended)} run(s) an earlier attempt left RUNNING: "
+              f"{', '.join(ended)}", flush=True)
     started = time.perf_counter()
     log = clone.parent / f"{clone.name}-{name}.log"
     with open(log, "w") as out:

@@ -1,6 +1,6 @@
-"""Real services for the team tests, started on loopback by the tests themselves: PostgreSQL
-(Debian's package; as the `postgres` user when the tests run as root, since initdb refuses
-root), an S3-compatible server (moto's server mode) and `mlflow server`."""
+"""Real services started on loopback, for the tests and the benchmarks: PostgreSQL (Debian's
+package; as the `postgres` user when run as root, since initdb refuses root), an S3-compatible
+server (moto's server mode), `mlflow server` and a Dask scheduler with workers."""
 
 from __future__ import annotations
 
@@ -17,8 +17,6 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 PG_BIN = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
 
 
@@ -28,13 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class ServiceUnavailable(RuntimeError):
+    """A service's program is not installed here (the tests skip, or fail in CI)."""
+
+
 def need(what: str, available: bool) -> None:
-    """Skip without ``what``, except in CI, where a missing service is a failure."""
     if not available:
-        message = f"{what} is not installed (CI installs it: .ci/run)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        raise ServiceUnavailable(f"{what} is not installed (CI installs it: .ci/run)")
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -154,7 +152,7 @@ def mlflow_server(env: dict[str, str], workdir: Path) -> Iterator[str]:
             if proc.poll() is not None:
                 raise AssertionError((workdir / "mlflow-server.log").read_text()[-4000:])
             try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
+                urllib.request.urlopen(f"{url}/health", timeout=2)  # noqa: S310 (http on loopback)
                 break
             except (urllib.error.URLError, OSError):
                 if time.monotonic() > deadline:
@@ -182,7 +180,7 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 
         if proc.poll() is not None:
             raise AssertionError(log.read_text()[-4000:])
         try:
-            urllib.request.urlopen(url, timeout=2)
+            urllib.request.urlopen(url, timeout=2)  # noqa: S310 (http on loopback)
             return
         except (urllib.error.URLError, OSError):
             if time.monotonic() > deadline:
