@@ -87,7 +87,7 @@ def test_importing_again_adds_nothing_and_a_changed_record_replaces_its_run(stor
     kept = client.get_run(local.info.run_id)
     assert kept.info.status == "FINISHED" and "imported" not in kept.data.tags
     assert [m.value for m in client.get_metric_history(local.info.run_id, "val_acc")] == [0.5]
-    assert tracking.study_runs(EXPERIMENT, "ablation") == {}
+    assert publish.study_runs(EXPERIMENT, "ablation") == {}
 
 
 def test_the_ui_links_open_the_runs_and_the_metric():

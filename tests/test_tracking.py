@@ -79,7 +79,7 @@ def test_a_local_store_is_never_waited_for(repo, monkeypatch):
         raise OSError("unable to open database file")
 
     with pytest.raises(tracking.TrackingError, match="unable to open"):
-        tracking._with_retries("sqlite:///nowhere/mlflow.db", refuse_to_open)
+        tracking.store._with_retries("sqlite:///nowhere/mlflow.db", refuse_to_open)
     assert calls == [1]
 
 
@@ -189,7 +189,7 @@ def test_logged_model_refuses_input_it_would_mispredict(repo, batch, message):
 
 
 def test_busy_sqlite_store_is_retried_and_other_errors_are_clear(monkeypatch):
-    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    monkeypatch.setattr(tracking.store.time, "sleep", lambda s: None)
     calls = {"n": 0}
 
     def racing():
@@ -198,13 +198,13 @@ def test_busy_sqlite_store_is_retried_and_other_errors_are_clear(monkeypatch):
             raise RuntimeError("(sqlite3.IntegrityError) UNIQUE constraint failed: datasets")
         return "linked"
 
-    assert tracking._with_retries("sqlite:///x.db", racing) == "linked" and calls["n"] == 2
+    assert tracking.store._with_retries("sqlite:///x.db", racing) == "linked" and calls["n"] == 2
 
     def broken():
         raise RuntimeError("no such table: runs")
 
     with pytest.raises(tracking.TrackingError, match="sqlite:///x.db.*no such table"):
-        tracking._with_retries("sqlite:///x.db", broken)
+        tracking.store._with_retries("sqlite:///x.db", broken)
 
 
 def _post(url: str, body: str) -> tuple[int, str]:

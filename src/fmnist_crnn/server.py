@@ -31,7 +31,10 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+
+from fmnist_crnn.errors import TrackingError
 
 REQUIRED = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
             "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
@@ -134,20 +137,53 @@ def main(argv: list[str] | None = None) -> None:
                                           args.workers, args.config_dir)
             print(" ".join(command), flush=True)
             os.execve(command[0], command, env)  # noqa: S606 (replace this process)
-        from fmnist_crnn import tracking
-
         if args.command == "add-user":
             password = os.environ.get("FMNIST_NEW_USER_PASSWORD")
             if not password:
                 raise ServerConfigError("set FMNIST_NEW_USER_PASSWORD to the new user's "
                                         "password (kept out of the shell history)")
-            tracking.create_user(args.username, password)
+            create_user(args.username, password)
         else:
-            tracking.grant_experiment(args.username, args.experiment, args.permission)
+            grant_experiment(args.username, args.experiment, args.permission)
         print("done")
     except (ServerConfigError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+# --- The server's users: MLflow's basic-auth client (this module, fmnist_crnn.tracking and
+# fmnist_crnn.study.publish are the ones that import MLflow) -------------------------------
+
+def _auth_client() -> Any:
+    """MLflow's basic-auth client for the tracking server; the caller's credentials come from
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."""
+    from mlflow.server import get_app_client
+
+    from fmnist_crnn.tracking.store import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        raise TrackingError(f"users and permissions live on a tracking server; "
+                            f"MLFLOW_TRACKING_URI is {uri}")
+    return get_app_client("basic-auth", tracking_uri=uri)
+
+
+def create_user(username: str, password: str) -> None:
+    _auth_client().create_user(username=username, password=password)
+
+
+def grant_experiment(username: str, experiment_name: str, permission: str) -> None:
+    """Give ``username`` ``permission`` on the experiment (replacing an earlier grant)."""
+    import mlflow
+
+    from fmnist_crnn.tracking.store import tracking_uri
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise TrackingError(f"no experiment named '{experiment_name}' at {tracking_uri()}")
+    _auth_client().grant_user_permission(username, "experiment", experiment.experiment_id,
+                                         permission)
 
 
 if __name__ == "__main__":

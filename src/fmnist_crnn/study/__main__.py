@@ -25,7 +25,6 @@ from fmnist_crnn.study import catalog, cluster, comparison, publish, queue, reco
 def collect(study: str, out_dir: Path, commit: bool = False) -> list[str]:
     """Record every finished experiment of ``study`` that has no record yet (and commit each
     with the study's plan when ``commit``)."""
-    from fmnist_crnn import tracking
     from fmnist_crnn.config import load_params
 
     # --all-commits: a study queued on an earlier commit stays visible after new commits.
@@ -34,7 +33,7 @@ def collect(study: str, out_dir: Path, commit: bool = False) -> list[str]:
     if all(r["name"] in done for r in records.collect_experiments(study, shown)):
         return []
     experiment = load_params("params.yaml").tracking.experiment_name
-    written = records.record_new(study, out_dir, shown, tracking.study_runs(experiment, study))
+    written = records.record_new(study, out_dir, shown, publish.study_runs(experiment, study))
     for name in written:
         print(f"recorded {name}", flush=True)
         if commit:
@@ -148,7 +147,7 @@ def publish_records(args: argparse.Namespace) -> None:
           "unchanged (tagged imported=true; in the UI's search box: tags.imported = "
           "'true', or tags.study = 'ablation')")
     study_id = (args.study or ["ablation"])[0]
-    experiment_id, runs = tracking.imported_runs(experiment, study_id)
+    experiment_id, runs = publish.imported_runs(experiment, study_id)
     first = sorted(runs)[:1]
     if first:  # one seed of every variant: the study's comparison in one click
         seed = first[0].rsplit("-s", 1)[-1]
