@@ -141,7 +141,7 @@ fast: setup ## the recipe without augmentation, 7 epochs (1x the default's time)
 
 seeds: setup ## a recipe on 3 seeds, recorded and compared: make seeds RECIPE=fast
 	$(BIN)/python -m fmnist_crnn.study run --study $(RECIPE) --variants $(RECIPE) \
-	  --seeds $(SEEDS) --jobs 1
+	  --seeds $(SEEDS) --jobs 1 --reference
 
 ingredients: setup ## the recipe's ladder, what each ingredient adds: make ingredients EPOCHS=5
 	$(BIN)/python -m fmnist_crnn.study run --study ingredients-$(EPOCHS)ep --epochs $(EPOCHS) \

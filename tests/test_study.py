@@ -222,6 +222,44 @@ def test_table_has_mean_std_delta_and_noise_verdict():
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
 
 
+def test_each_record_carries_its_reference_and_the_table_its_ratio(tmp_path):
+    from fmnist_crnn.study import records as rec
+
+    runs = [record("fast", s, 0.93) for s in (42, 43, 44)]
+    for r in runs:
+        r["name"] = f"t-fast-s{r['seed']}"
+        rec.write_record(tmp_path, "t", r)
+    names = [r["name"] for r in runs]
+    rec.set_reference(tmp_path, "t", names[:2], "before", 8.0)
+    rec.set_reference(tmp_path, "t", names[:2], "after", 12.5, note="timed around")
+    rec.set_reference(tmp_path, "t", names[2:], "before", 20.0)
+    stored = rec.read_records(tmp_path, "t")
+    assert stored[0][rec.REFERENCE_KEY] == {"before": 8.0, "after": 12.5, "note": "timed around"}
+    assert stored[2][rec.REFERENCE_KEY] == {"before": 20.0, "after": None}
+    # 10 s of training: 1.25x the shorter reference of the first two, 0.50x of the third.
+    assert [rec.reference_ratio(r) for r in stored] == [1.25, 1.25, 0.5]
+    lines, _ = study.comparison_table(stored)
+    header = [c.strip() for c in lines[0].split("|")]
+    cells = [c.strip() for c in lines[2].split("|")]
+    assert cells[header.index("x the default run")] == "0.50x-1.25x"
+    # Records without references: no such column.
+    assert "x the default run" not in study.comparison_table([record("fast", 1, 0.9)])[0][0]
+
+
+def test_reference_timing_refuses_a_changed_params_yaml(tmp_path, monkeypatch, capsys):
+    from fmnist_crnn.study import __main__ as cli
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(cli.catalog, "committed_resets", lambda root: {"train.epochs": 20})
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["run", "--study", "t", "--variants", "fast", "--reference", "--out",
+                  str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert "--reference" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was planned
+
+
 def test_holm_adjusts_for_the_number_of_variants_tested():
     adjusted = study.holm({"a": 0.01, "b": 0.04, "c": 0.03})
     # Sorted 0.01, 0.03, 0.04 times 3, 2, 1, never below the step before.

@@ -34,7 +34,10 @@ def collect(study: str, out_dir: Path, commit: bool = False) -> list[str]:
         return []
     experiment = load_params("params.yaml").tracking.experiment_name
     written = records.record_new(study, out_dir, shown, publish.study_runs(experiment, study))
+    before = records.read_plan(out_dir, study).get("reference_before", {})
     for name in written:
+        if name in before:
+            records.set_reference(out_dir, study, [name], "before", before[name])
         print(f"recorded {name}", flush=True)
         if commit:
             commit_record(study, name, [records.runs_dir(out_dir, study) / f"{name}.json",
@@ -99,6 +102,11 @@ def run_study(args: argparse.Namespace) -> Path:
             plan[catalog.experiment_name(study, name, seed)] = {
                 "variant": name, "seed": seed,
                 "overrides": {**resets, **catalog.run_overrides(variant, seed, study, extra)}}
+    if args.reference and (resets or args.scheduler):
+        raise ProjectError("--reference times the default run in this workspace on the "
+                           "committed params.yaml, beside runs on this machine: "
+                           + ("params.yaml differs from the commit" if resets else
+                              "with --scheduler the runs train on other machines"))
     records.add_to_plan(out_dir, study, plan)
     # Create the tracking store and experiment once, before parallel workers race to.
     tracking.configure(params.tracking.experiment_name)
@@ -108,6 +116,10 @@ def run_study(args: argparse.Namespace) -> Path:
             for name, spec in plan.items() if name not in done]
     print(f"study {study}: {len(plan)} planned, {len(plan) - len(todo)} recorded, "
           f"{len(todo)} to run")
+    if todo and args.reference:
+        before = queue.time_default_run()
+        print(f"the default run trained in {before:.1f} s (the reference before)", flush=True)
+        records.add_to_plan(out_dir, study, {}, reference_before={n: before for n, _ in todo})
     if todo and args.scheduler:
         def land(record: dict[str, Any]) -> None:
             path = records.write_record(out_dir, study, record)
@@ -125,6 +137,12 @@ def run_study(args: argparse.Namespace) -> Path:
         queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir, args.commit),
                    poll_s=args.poll)
         collect(study, out_dir, args.commit)
+    if todo and args.reference:
+        after = queue.time_default_run()
+        print(f"the default run trained in {after:.1f} s (the reference after)", flush=True)
+        written = records.set_reference(out_dir, study, [n for n, _ in todo], "after", after)
+        if written and args.commit:
+            commit_record(study, f"references of {len(written)} run(s)", written)
     path = comparison.compare(study, out_dir)
     missing = comparison.missing_runs({"runs": plan}, records.read_records(out_dir, study))
     if missing:
@@ -183,6 +201,10 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--no-commit", dest="commit", action="store_false",
                      help="write records without committing them (default: each record is "
                           "committed with the plan as it lands)")
+    run.add_argument("--reference", action="store_true",
+                     help="time the default run here right before the runs and right after "
+                     "them (dvc repro -f -s train && dvc repro) and write both into each "
+                     "record (make seeds does)")
     run.add_argument("--poll", type=float, default=300.0,
                      help="seconds between queue checks (each `dvc queue status` costs ~1 s "
                           "of CPU beside the runs being timed)")

@@ -13,7 +13,7 @@ from typing import Any
 
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
 from fmnist_crnn.study.catalog import ALL_VARIANTS, RECIPE_VARIANTS
-from fmnist_crnn.study.records import read_plan, read_records
+from fmnist_crnn.study.records import read_plan, read_records, reference_ratio
 
 
 @dataclass
@@ -87,6 +87,15 @@ def _rows(records: list[dict[str, Any]]) -> dict[str, Row]:
     return rows
 
 
+def ratio_range(runs: list[dict[str, Any]]) -> str:
+    """``1.02x-1.10x`` over the runs that carry a reference, ``–`` when none does."""
+    ratios = sorted(r for r in map(reference_ratio, runs) if r is not None)
+    if not ratios:
+        return "–"
+    low, high = f"{ratios[0]:.2f}x", f"{ratios[-1]:.2f}x"
+    return low if low == high else f"{low}-{high}"
+
+
 def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
     rows = _rows(records)
     known = [n for v in ALL_VARIANTS for n in (f"{v} (no TTA)", v)]
@@ -101,8 +110,11 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
     tested = {name: p for name, p in p_values.items() if p is not None}
     adjusted = holm(tested) if len(tested) > 1 else {}
     holm_header = f"after Holm ({len(tested)} tests)"
+    # Each run's time over the shorter of the default run's times around it, when recorded.
+    timed = any(reference_ratio(r) is not None for r in records)
     header = ["variant", "change", "seeds", "test accuracy (%)", "test loss",
               "best val acc (%)", "parameters", "train time (s)",
+              *(["x the default run"] if timed else []),
               "Δ accuracy vs baseline (points)", "beyond seed noise",
               *([holm_header] if adjusted else []),
               *(["Δ vs row above (points)"] if ladder else []), "study reported"]
@@ -132,6 +144,7 @@ def comparison_table(records: list[dict[str, Any]]) -> tuple[list[str], list[dic
                  mean_std(row.values("best_val_acc"), 100),
                  f"{int(params[0]):,}" if params else "?",
                  mean_std(row.values("train_seconds"), 1, 0),
+                 *([ratio_range(row.runs)] if timed else []),
                  "–" if is_base or math.isnan(delta) else f"{delta:+.2f}", noise,
                  *([holm_cell] if adjusted else []),
                  *(["–" if math.isnan(step) else f"{step:+.2f}"] if ladder else []),

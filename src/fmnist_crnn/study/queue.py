@@ -128,3 +128,13 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
         print(f"{time.strftime('%H:%M:%S')} {len(active)} experiment(s) queued or running",
               flush=True)
         time.sleep(poll_s)
+
+
+def time_default_run() -> float:
+    """Train the default run again in the workspace (`dvc repro -f -s train && dvc repro`) and
+    return its training seconds: the reference a study's times are divided by."""
+    import json
+
+    dvc("repro", "-f", "-s", "train", capture=False)
+    dvc("repro", capture=False)
+    return float(json.loads(Path("metrics/train.json").read_text())["train_seconds"])

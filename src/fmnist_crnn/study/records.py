@@ -37,11 +37,15 @@ def read_plan(out_dir: Path, study: str) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.exists() else {"runs": {}}
 
 
-def add_to_plan(out_dir: Path, study: str, runs: dict[str, dict[str, Any]]) -> None:
+def add_to_plan(out_dir: Path, study: str, runs: dict[str, dict[str, Any]],
+                reference_before: dict[str, float] | None = None) -> None:
     """Remember every planned run (name -> variant, seed, overrides), so the comparison can
-    say which are missing."""
+    say which are missing; and the reference timed before runs still to land (name ->
+    seconds), which each record gets as it lands."""
     plan = read_plan(out_dir, study)
     plan["runs"] = {**plan["runs"], **runs}
+    if reference_before:
+        plan["reference_before"] = {**plan.get("reference_before", {}), **reference_before}
     atomic_write_json(runs_dir(out_dir, study) / PLAN_FILE, plan)
 
 
@@ -140,3 +144,37 @@ def write_record(out_dir: Path, study: str, record: dict[str, Any]) -> Path | No
         return None
     atomic_write_json(path, record)
     return path
+
+
+# The default run's training seconds timed on the same machine right before a study's runs and
+# right after them (`--reference`): a record's ratio is recomputable from the record alone.
+REFERENCE_KEY = "reference_train_seconds"
+
+
+def set_reference(out_dir: Path, study: str, names: list[str], when: str,
+                  seconds: float | None, note: str | None = None) -> list[Path]:
+    """Write ``seconds`` as the ``when`` ("before" or "after") reference of the records of
+    ``names`` that exist; returns the files written."""
+    written = []
+    for name in names:
+        path = runs_dir(out_dir, study) / f"{name}.json"
+        if not path.exists():
+            continue
+        record = json.loads(path.read_text())
+        reference = record.get(REFERENCE_KEY) or {"before": None, "after": None}
+        reference[when] = seconds
+        if note:
+            reference["note"] = note
+        record[REFERENCE_KEY] = reference
+        atomic_write_json(path, record)
+        written.append(path)
+    return written
+
+
+def reference_ratio(record: dict[str, Any]) -> float | None:
+    """The run's training time over the shorter of its reference times (the larger ratio)."""
+    reference = record.get(REFERENCE_KEY) or {}
+    times = [t for t in (reference.get("before"), reference.get("after")) if t]
+    if not times or not record.get("train_seconds"):
+        return None
+    return record["train_seconds"] / min(times)
