@@ -8,7 +8,7 @@ MLFLOW_PORT ?= 5000
 MLFLOW_HOST ?= 127.0.0.1
 
 .PHONY: help setup data-source repro verify test test-fast test-e2e test-services test-distributed test-browser lint server ui lock study study-quick \
-	scheduler worker best fast seeds ingredients bench bench-workers bench-ddp bench-cluster bench-overhead profile
+	scheduler worker best fast seeds ingredients bench bench-workers bench-ddp bench-cluster bench-overhead drill profile
 
 # `make help`: every target, one line each.
 help: ## this list
@@ -177,6 +177,10 @@ bench-overhead: setup ## a slice run's time outside training, stage by stage: re
 	PYTHONPATH=src $(BIN)/python benchmarks/overhead.py $(if $(AGAINST),--against $(AGAINST),)
 
 # The slice study on 1 Dask worker against 2, and on DVC's queue: reports/bench/cluster.json.
+# A slice study on Dask with a fault of each kind on a fixed schedule: reports/bench/faults.json.
+drill: setup ## the fault drill: one table of what was lost or done twice (10-15 min)
+	PYTHONPATH=src $(BIN)/python benchmarks/faults.py
+
 bench-cluster: setup ## the slice study on 1 and 2 Dask workers and DVC's queue
 	PYTHONPATH=src $(BIN)/python benchmarks/cluster.py
 

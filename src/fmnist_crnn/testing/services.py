@@ -189,13 +189,15 @@ def wait_for_http(url: str, proc: subprocess.Popen, log: Path, limit_s: float = 
 
 
 class PlainMlflowServer:
-    """`mlflow server` on SQLite with proxied artifacts, on a fixed port, that a test can stop
-    and start again (the store and the artifacts survive, as on a restarted team server)."""
+    """`mlflow server` on SQLite (or ``backend``, e.g. a PostgreSQL URI) with proxied
+    artifacts, on a fixed port, that a test can stop and start again (the store and the
+    artifacts survive, as on a restarted team server)."""
 
-    def __init__(self, workdir: Path, env: dict[str, str]) -> None:
+    def __init__(self, workdir: Path, env: dict[str, str], backend: str | None = None) -> None:
         # As `make server` (fmnist_crnn.server): without MLflow's job runner, eight processes
         # the pipeline never uses.
         self.workdir = workdir
+        self.backend = backend or f"sqlite:///{workdir / 'server.db'}"
         self.env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -206,7 +208,7 @@ class PlainMlflowServer:
         with open(log_path, "a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-                 f"sqlite:///{self.workdir / 'server.db'}", "--serve-artifacts",
+                 self.backend, "--serve-artifacts",
                  "--artifacts-destination", str(self.workdir / "server-artifacts"),
                  "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
