@@ -54,6 +54,7 @@ def test_repository_params_are_the_study_baseline():
     ("augment", "crop_padding", 28, "'augment.crop_padding'"),
     ("tracking", "champion_alias", "", "'tracking.champion_alias'"),
     ("tracking", "registered_model_name", "a/b", "'tracking.registered_model_name'"),
+    ("report", "inspect_indices", [0, 42000], "'report.inspect_indices'.*below 42,000"),
     ("train", "amp_validation", True, "'train.amp_validation'.*while train.amp is false"),
 ])
 def test_bad_values_name_the_key(section, key, value, fragment):
@@ -155,3 +156,13 @@ def test_registry_names_are_refused_exactly_when_mlflow_refuses_them(name, alias
     except ConfigError:
         accepted = False
     assert accepted == expected
+
+
+def test_inspected_images_are_checked_against_the_split_they_come_from():
+    raw = raw_params()
+    raw["split"].update(limit=3000, val_fraction=0.3)  # 2,100 training images
+    raw["report"]["inspect_indices"] = [2099]
+    params_from_dict(raw)
+    raw["report"]["inspect_indices"] = [2100]
+    with pytest.raises(ConfigError, match="below 2,100"):
+        params_from_dict(raw)

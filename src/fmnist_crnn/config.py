@@ -8,6 +8,7 @@ No torch here: every stage (and the tests) can load parameters cheaply.
 from __future__ import annotations
 
 import dataclasses
+import math
 import posixpath
 import re
 import types
@@ -21,6 +22,7 @@ import yaml
 from fmnist_crnn.errors import ConfigError
 
 IMAGE_SIDE = 28  # Fashion-MNIST's images are 28 x 28 pixels
+TRAIN_IMAGES = 60_000  # in its training file (the download checks its SHA-256)
 
 
 @dataclass(frozen=True)
@@ -253,6 +255,16 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+
+    def __post_init__(self) -> None:
+        # The report shows training images by index: one past the split's training images
+        # would fail the report stage after the whole training.
+        n = min(self.split.limit or TRAIN_IMAGES, TRAIN_IMAGES)
+        n_train = n - math.ceil(self.split.val_fraction * n)  # scikit-learn's rounding
+        _check(max(self.report.inspect_indices) < n_train, "report.inspect_indices",
+               list(self.report.inspect_indices),
+               f"indices below {n_train:,}, the training images of this split (split.limit, "
+               "split.val_fraction)")
 
 
 SECTIONS: dict[str, type] = {
