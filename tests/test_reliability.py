@@ -42,17 +42,19 @@ def stage(name, folder, *args, extra_env=None):
 
 @pytest.fixture
 def training_dir(tmp_path):
-    """A small repository with a synthetic split, 4 epochs of training."""
+    """A small repository with a synthetic split, 4 epochs of a small CRNN (resuming is about
+    the loop and its state, not the model's size)."""
     def make(name):
         folder = tmp_path / name
         (folder / ".dvc").mkdir(parents=True)  # the tracking store goes to this folder
         raw = folder / "raw"
         raw.mkdir()
-        for file, array in synthetic_arrays(n_train=2000, n_test=40).items():
+        for file, array in synthetic_arrays(n_train=800, n_test=40).items():
             (raw / file).write_bytes(idx_bytes(array))
         data.make_split(raw, folder / "split", SplitConfig(val_fraction=0.2))
         write_params(folder, **{"train.epochs": 4, "train.batch_size": 32,
-                                "tracking.log_model": False})
+                                "model.hidden_dim": 32, "model.num_layers": 1,
+                                "model.head_dims": [32], "tracking.log_model": False})
         return folder
     return make
 
