@@ -11,9 +11,8 @@ the changed section.
 from pathlib import Path
 
 from fmnist_crnn import cli
-from fmnist_crnn.distributed import select_device
+from fmnist_crnn.architecture import plan
 from fmnist_crnn.files import atomic_write_text
-from fmnist_crnn.model import CRNN
 
 # The params.yaml keys (or whole sections) this stage reads; dvc.yaml lists the same, and
 # reading any other key stops the stage (cli.run; tests check both).
@@ -22,8 +21,11 @@ MARKER = "params.yaml passed validation\n"  # constant: downstream stages never 
 
 
 def main(args, params) -> None:
-    CRNN(params.model)  # an architecture that cannot build names its block and sizes here
-    select_device(params.train.device)  # train.device=cuda on a machine without CUDA
+    plan(params.model)  # an architecture that cannot build names its block and sizes here
+    if params.train.device not in ("auto", "cpu"):  # torch (1.5 s) only when it has a say
+        from fmnist_crnn.distributed import select_device
+
+        select_device(params.train.device)  # train.device=cuda on a machine without CUDA
     atomic_write_text(Path(args.out), MARKER)
 
 
