@@ -287,27 +287,38 @@ def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
 @pytest.mark.distributed
 def test_a_worker_killed_mid_run_loses_nothing_and_leaves_no_process(team):
     holds, victim = team["holds"], "kill-baseline-s42"
-    (holds / f"hold-{victim}-1").touch()
-    runner = start_study(team, "kill")
-    wait_for(holds / f"at-{victim}-1", runner)
-    stage = psutil.Process(int((holds / f"at-{victim}-1").read_text()))
-    group = os.getpgid(stage.pid)
-    workers = set(team["cluster"].wait_for_workers(2).values())
-    [worker] = [p for p in stage.parents() if p.pid in workers]
-    attempt = [p for p in psutil.process_iter() if _in_group(p, group)]
+    runner, worker, attempt = held_attempt(team, "kill", victim)
     assert len(attempt) >= 2  # dvc exp run and the train stage at least
     worker.kill()  # SIGKILL: no clean-up of its own
     (holds / f"hold-{victim}-1").unlink()
-    deadline = time.monotonic() + 90
-    while [p for p in attempt if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
-        assert time.monotonic() < deadline, "a process of the killed attempt kept running"
-        time.sleep(0.5)
+    wait_gone(attempt)
     out, _ = runner.communicate(timeout=1800)
     assert runner.returncode == 0, out[-4000:]
     records, runs = assert_study_landed(team, "kill")
     # Exactly one FINISHED run of the victim: the killed attempt's ended KILLED, or the retry
     # continued it from its checkpoint.
     assert_one_finished(runs, victim)
+
+
+def held_attempt(team, study: str, victim: str):
+    """Start ``study`` with ``victim`` held after epoch 1; once it waits there, return the
+    runner, the Dask worker process running it and the processes of its attempt (its own
+    process group: `dvc exp run` and the stage at least)."""
+    (team["holds"] / f"hold-{victim}-1").touch()
+    runner = start_study(team, study)
+    wait_for(team["holds"] / f"at-{victim}-1", runner)
+    stage = psutil.Process(int((team["holds"] / f"at-{victim}-1").read_text()))
+    workers = set(team["cluster"].wait_for_workers(2).values())
+    [worker] = [p for p in stage.parents() if p.pid in workers]
+    group = os.getpgid(stage.pid)
+    return runner, worker, [p for p in psutil.process_iter() if _in_group(p, group)]
+
+
+def wait_gone(processes, limit_s: float = 90) -> None:
+    deadline = time.monotonic() + limit_s
+    while [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < deadline, "a process of the killed attempt kept running"
+        time.sleep(0.5)
 
 
 def assert_one_finished(runs, name) -> None:
@@ -320,24 +331,14 @@ def test_a_worker_killed_with_its_process_group_leaves_one_finished_run(team):
     """SIGKILL to the worker's whole process group (as a terminal, a supervisor or a batch
     system sends it) kills the attempt's guard too: the stage notices and stops the attempt."""
     holds, victim = team["holds"], "group-baseline-s42"
-    (holds / f"hold-{victim}-1").touch()
-    runner = start_study(team, "group")
-    wait_for(holds / f"at-{victim}-1", runner)
-    stage = psutil.Process(int((holds / f"at-{victim}-1").read_text()))
-    attempt_group = os.getpgid(stage.pid)
-    worker_pids = set(team["cluster"].wait_for_workers(2).values())
-    [worker] = [p for p in stage.parents() if p.pid in worker_pids]
+    runner, worker, attempt = held_attempt(team, "group", victim)
     worker_group = os.getpgid(worker.pid)  # `dask worker`: its nanny, the worker, the guard
     [name] = [n for n, proc in team["workers"].items() if proc.pid == worker_group]
-    attempt = [p for p in psutil.process_iter() if _in_group(p, attempt_group)]
-    assert attempt_group != worker_group and len(attempt) >= 2
+    assert len(attempt) >= 2 and os.getpgid(attempt[0].pid) != worker_group
     try:
         os.killpg(worker_group, signal.SIGKILL)
         (holds / f"hold-{victim}-1").unlink()
-        deadline = time.monotonic() + 90
-        while [p for p in attempt if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
-            assert time.monotonic() < deadline, "a process of the killed attempt kept running"
-            time.sleep(0.5)
+        wait_gone(attempt)
         out, _ = runner.communicate(timeout=1800)
         assert runner.returncode == 0, out[-4000:]
         records, runs = assert_study_landed(team, "group")
