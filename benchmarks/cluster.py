@@ -29,37 +29,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from fmnist_crnn.testing import services  # the loopback processes the tests start
+from fmnist_crnn.testing.repository import head_repository, sh
 
 REPO = Path(__file__).resolve().parents[1]
 
-COPIED = ("dvc.yaml", "params.yaml", "stages", "src", ".gitignore", ".dvcignore")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-def make_head(root: Path, env: dict[str, str]) -> Path:
-    """A fresh repository with this project's pipeline, a bare git remote and a DVC remote."""
-    head = root / "head"
-    head.mkdir()
-    for item in COPIED:
-        src = REPO / item
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, head / item)
-    (head / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
-    dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q"], head, env)
-    sh([*dvc, "init", "-q"], head, env)
-    sh(["git", "init", "-q", "--bare", str(root / "remote.git")], root, env)
-    sh(["git", "remote", "add", "origin", str(root / "remote.git")], head, env)
-    sh([*dvc, "remote", "add", "-d", "store", str(root / "dvc-store")], head, env)
-    sh(["git", "add", "-A"], head, env)
-    sh(["git", "commit", "-qm", "benchmark"], head, env)
-    sh(["git", "push", "-q", "origin", "HEAD"], head, env)
-    return head
 
 
 def study_args(args: argparse.Namespace, study: str) -> list[str]:
@@ -132,7 +105,7 @@ def main() -> None:
     env.setdefault("GIT_COMMITTER_EMAIL", "bench@localhost")
     env.pop("PYTHONPATH", None)
     try:
-        head = make_head(root, env)
+        head = head_repository(root, env)
         one, one_records = on_dask(args, head, root, env, 1)
         print(f"Dask, 1 worker: {one:.1f} s", flush=True)
         two, two_records = on_dask(args, head, root, env, 2)

@@ -42,50 +42,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import psutil
-import yaml
 
 from fmnist_crnn.testing import services
+from fmnist_crnn.testing.repository import head_repository, sh
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "params.yaml", "stages", "src", ".gitignore", ".dvcignore", "MLproject",
-          "python_env.yaml")
 STUDY = "drill"
 EXPERIMENT = "fashion-mnist-crnn"
 ATTEMPT_PATTERNS = ("stages/", "exp run", "fmnist_crnn.study.attempt", "torchrun")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return proc.stdout
-
-
-def make_head(root: Path, env: dict[str, str], limit: int) -> Path:
-    """A fresh repository on the first ``limit`` images, data stages done and pushed to the
-    DVC remote (so that workers pull them), the commit on the bare git remote."""
-    head = root / "head"
-    head.mkdir()
-    for item in COPIED:
-        src = REPO / item
-        if src.exists():
-            (shutil.copytree if src.is_dir() else shutil.copy)(src, head / item)
-    params = yaml.safe_load((head / "params.yaml").read_text())
-    params["split"]["limit"] = limit
-    (head / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    (head / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
-    dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q"], head, env)
-    sh([*dvc, "init", "-q"], head, env)
-    sh(["git", "init", "-q", "--bare", str(root / "remote.git")], root, env)
-    sh(["git", "remote", "add", "origin", str(root / "remote.git")], head, env)
-    sh([*dvc, "remote", "add", "-d", "store", str(root / "dvc-store")], head, env)
-    sh([*dvc, "repro", "split"], head, env)
-    sh([*dvc, "push", "-q"], head, env)
-    sh(["git", "add", "-A"], head, env)
-    sh(["git", "commit", "-qm", "drill"], head, env)
-    sh(["git", "push", "-q", "origin", "HEAD"], head, env)
-    return head
 
 
 class Drill:
@@ -100,7 +64,7 @@ class Drill:
         self.events: list[str] = []
         self.arrived: list[str] = []
         self.started = time.monotonic()
-        self.head = make_head(root, env, args.limit)
+        self.head = head_repository(root, env, {"split.limit": args.limit}, data_stages=True)
         self.run_env = {**env, "MLFLOW_TRACKING_URI": self.server.url}
 
     def say(self, text: str) -> None:

@@ -39,20 +39,14 @@ from pathlib import Path
 
 import yaml
 
+from fmnist_crnn.testing.repository import sh
+
 REPO = Path(__file__).resolve().parents[1]
 COPIED = ("dvc.yaml", "params.yaml", "stages", "src", ".gitignore", ".dvcignore", "MLproject",
           "python_env.yaml")
 STAGE_LINE = re.compile(r"Running stage '(\w+)'")
 SHARES = ("startup_s", "mlflow_import", "mlflow_open", "model_logging", "registration",
           "mlflow_wait_at_end")
-
-
-def sh(cmd: list[str], cwd: Path, env: dict[str, str]) -> str:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(map(str, cmd))} failed:\n{proc.stdout[-2000:]}"
-                         f"{proc.stderr[-2000:]}")
-    return proc.stdout
 
 
 def project_tree(rev: str | None, into: Path) -> Path:
