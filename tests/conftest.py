@@ -9,6 +9,14 @@ import struct
 import sys
 from pathlib import Path
 
+# One torch thread per process, set before anything imports torch, and inherited by every
+# stage, worker and torchrun process the scenarios start. The suite runs two pytest-xdist
+# workers on two cores, and scenarios start trainings side by side (queued experiments, Dask
+# workers, torchrun): torch's OpenMP threads spin while they wait, so two processes with two
+# threads each on two cores trained 3.7x slower than with one thread each (60 steps of the
+# default CRNN: 10.6 s against 2.9 s, docs/results.md). A value of your own wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import numpy as np
 import pytest
 
