@@ -30,6 +30,9 @@ def main(args, params) -> None:
         for file in files:
             folder = file.parent.relative_to(out).as_posix()
             tracking.log_artifact(file, "report" if folder == "." else f"report/{folder}")
+        # The test confusion heatmap beside the evaluate stage's table, where the validation
+        # one is (val/): drawn once, here.
+        tracking.log_artifact(out / "figures" / "confusion_matrix.png", "test")
         if lock.exists():
             tracking.log_artifact(lock, "dvc")
 

@@ -254,6 +254,12 @@ def log_confusion_matrix(figure: Any, cm: np.ndarray, class_names: list[str],
         figure.savefig(png)
         plt.close(figure)
         _record("artifact", files={"file": png}, artifact_path=prefix)
+    log_confusion_table(cm, class_names, prefix)
+
+
+def log_confusion_table(cm: np.ndarray, class_names: list[str], prefix: str) -> None:
+    """The confusion matrix as an MLflow table ``<prefix>/confusion_matrix.json``: actual x
+    predicted counts, one row per cell."""
     table = {"actual": [], "predicted": [], "count": []}
     for i, actual in enumerate(class_names):
         for j, predicted in enumerate(class_names):
