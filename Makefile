@@ -166,7 +166,7 @@ profile: setup ## where an epoch's time goes: reports/bench/profile-*.json
 	PYTHONPATH=src $(BIN)/python benchmarks/profile_epoch.py --recipe best
 
 # 2 queue workers x 1 thread against 1 worker x 2 threads: reports/bench/workers.json.
-bench-workers: setup ## 2 queue workers x 1 thread against 1 x 2: reports/bench/workers.json
+bench-workers: setup ## 2 workers x 1 thread against 1 x 2 and 2 x 2: reports/bench/workers.json
 	$(BIN)/dvc repro split
 	PYTHONPATH=src $(BIN)/python benchmarks/workers.py
 

@@ -3,9 +3,12 @@
 The same training job (``train.fit`` on the model of params.yaml, one epoch over the first
 ``--images`` images of the split, in a fresh process like a queued experiment) runs twice per
 layout: (a) two processes at once with ``train.num_threads=1`` each; (b) one after the other
-with 2 threads each. Layouts alternate over ``--rounds`` so that machine noise hits both. Prints
-the wall seconds of each layout and the ratio b/a (above 1: two workers finish sooner), and
-writes them to JSON. A benchmark, not a test: numbers depend on the machine and its load.
+with 2 threads each; (c) two processes at once with 2 threads each, what torch's default of a
+thread per core gives two trainings side by side (tests/conftest.py sets one thread per test
+process for this reason). Layouts rotate over ``--rounds`` so that machine noise hits all.
+Prints the wall seconds of each layout and the ratios b/a (above 1: two workers finish
+sooner) and c/a, and writes them to JSON. A benchmark, not a test: numbers depend on the
+machine and its load.
 
     python benchmarks/workers.py --split data/split --out reports/bench/workers.json
 """
@@ -64,26 +67,28 @@ def main() -> None:
     if args.job:
         job(args.split, args.threads, args.images)
         return
-    two_by_one, one_by_two = [], []
+    layouts = {"a": ("2 workers x 1 thread", 1, True), "b": ("1 worker x 2 threads", 2, False),
+               "c": ("2 workers x 2 threads", 2, True)}
+    seconds: dict[str, list[float]] = {key: [] for key in layouts}
     for i in range(args.rounds):
-        for name in (("a", "b") if i % 2 == 0 else ("b", "a")):
-            if name == "a":
-                two_by_one.append(layout(args.split, 1, True, args.images))
-                print(f"round {i + 1}: 2 workers x 1 thread: {two_by_one[-1]:.1f} s", flush=True)
-            else:
-                one_by_two.append(layout(args.split, 2, False, args.images))
-                print(f"round {i + 1}: 1 worker x 2 threads: {one_by_two[-1]:.1f} s", flush=True)
-    a, b = statistics.median(two_by_one), statistics.median(one_by_two)
+        order = list(layouts)[i % 3:] + list(layouts)[:i % 3]
+        for key in order:
+            label, threads, parallel = layouts[key]
+            seconds[key].append(layout(args.split, threads, parallel, args.images))
+            print(f"round {i + 1}: {label}: {seconds[key][-1]:.1f} s", flush=True)
+    a, b, c = (statistics.median(seconds[key]) for key in layouts)
     result = {
         "jobs_per_layout": 2, "images_per_job": args.images, "rounds": args.rounds,
-        "seconds_2_workers_x_1_thread": two_by_one, "seconds_1_worker_x_2_threads": one_by_two,
-        "median_2x1": a, "median_1x2": b, "ratio_1x2_over_2x1": b / a,
-        "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "seconds_2_workers_x_1_thread": seconds["a"], "seconds_1_worker_x_2_threads": seconds["b"],
+        "seconds_2_workers_x_2_threads": seconds["c"],
+        "median_2x1": a, "median_1x2": b, "median_2x2": c, "ratio_1x2_over_2x1": b / a,
+        "ratio_2x2_over_2x1": c / a, "cpu_count": os.cpu_count(), "machine": platform.machine(),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"median wall for two jobs: 2x1 {a:.1f} s, 1x2 {b:.1f} s; ratio 1x2/2x1 = {b / a:.2f}"
-          f" ({'two workers' if b > a else 'one worker'} finish sooner)")
+    print(f"median wall for two jobs: 2x1 {a:.1f} s, 1x2 {b:.1f} s, 2x2 {c:.1f} s; ratio "
+          f"1x2/2x1 = {b / a:.2f} ({'two workers' if b > a else 'one worker'} finish sooner), "
+          f"2x2/2x1 = {c / a:.2f}")
 
 
 if __name__ == "__main__":
