@@ -133,6 +133,11 @@ def test_the_import_walk_sees_imports_inside_functions():
     assert transitive_imports(REPO / "stages" / "download.py") >= {"cli", "config", "data"}
 
 
+def test_the_evaluate_stage_draws_no_figure():
+    # The report stage draws the test confusion heatmap; evaluate logs only its table.
+    assert "plots" not in transitive_imports(REPO / "stages" / "evaluate.py")
+
+
 def test_the_import_walk_sees_the_model_code_that_training_logs():
     assert "served_model" in transitive_imports(REPO / "stages" / "train.py")
 

@@ -197,3 +197,35 @@ def test_the_experiment_ref_is_found_by_its_name():
     assert cluster._ref_named(listing, "spread-baseline-s42") == \
         "refs/exps/ab/cdef/spread-baseline-s42"
     assert cluster._ref_named(listing, "spread-baseline") is None
+
+
+def test_a_runs_lock_is_leased_for_lock_lease_when_made_and_registered(monkeypatch):
+    """Dask reads the lease when the lock is made (its renewal interval) and when it is
+    registered with the scheduler (the timeout): both must see LOCK_LEASE, not Dask's 30 s."""
+    import dask
+    import distributed
+
+    seen = []
+    lease = "distributed.scheduler.locks.lease-timeout"
+
+    class Entered(Exception):
+        pass
+
+    class RecordingLock:
+        def __init__(self, name):
+            seen.append(("made", name, dask.config.get(lease)))
+
+        def register(self):
+            seen.append(("registered", dask.config.get(lease)))
+
+        def __enter__(self):
+            raise Entered
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(distributed, "Lock", RecordingLock)
+    with pytest.raises(Entered):
+        cluster.run_one({"study": "s", "name": "s-baseline-s42"})
+    assert seen == [("made", "fmnist-crnn/s/s-baseline-s42", cluster.LOCK_LEASE),
+                    ("registered", cluster.LOCK_LEASE)]

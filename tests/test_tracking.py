@@ -63,6 +63,25 @@ def test_unreachable_server_fails_fast_naming_the_uri(repo, monkeypatch):
         tracking.configure("exp")
 
 
+def test_a_server_is_retried_without_mlflows_backoff_unless_the_user_sets_one(monkeypatch):
+    """The journal and the wait at the start do the waiting: MLflow's own retries of a call
+    must not back off 2, 4, 8 s (a stage whose server is away would spend that at its end)."""
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+    )
+
+    for name in ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    tracking.use_store("http://127.0.0.1:9")
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 0
+    assert MLFLOW_HTTP_REQUEST_MAX_RETRIES.get() == 2
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    tracking.use_store("http://127.0.0.1:9")
+    assert MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get() == 1
+
+
 @pytest.mark.parametrize("value", ["soon", "-1", "nan"])
 def test_a_bad_wait_bound_is_an_error_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv(tracking.WAIT_ENV, value)

@@ -56,8 +56,8 @@ def use_store(uri: str) -> None:
     if uri.startswith(("http://", "https://")):
         # MLflow's defaults retry one call for minutes, backing off 2, 4, 8 ... s. Waiting is
         # done here instead (_with_retries at the start, the journal every RETRY_S after), so
-        # MLflow's own retries are two quick ones: a stage whose server is away spends about a
-        # second, not 6-10 s, on the last try at its end (make drill, docs/team.md).
+        # MLflow's own retries are two quick ones: a stage whose server is away spends about
+        # 2 s, not 8.5-10.8 s, on the last try at its end (docs/results.md, "The test suite").
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "0")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
