@@ -44,6 +44,22 @@ def test_a_short_admin_password_is_refused_up_front_with_the_rule(tmp_path):
     assert not (tmp_path / "basic_auth.ini").exists()  # nothing written
 
 
+def test_a_worker_caches_a_checked_password_for_a_minute_unless_told_otherwise(tmp_path):
+    server.server_command(ENV, "127.0.0.1", 5000, 2, tmp_path / "default")
+    assert "auth_cache_ttl_seconds = 60" in (tmp_path / "default/basic_auth.ini").read_text()
+    env = {**ENV, "FMNIST_AUTH_CACHE_TTL_SECONDS": "0"}
+    server.server_command(env, "127.0.0.1", 5000, 2, tmp_path / "off")
+    assert "auth_cache_ttl_seconds = 0" in (tmp_path / "off/basic_auth.ini").read_text()
+
+
+def test_a_bad_cache_setting_is_named_and_nothing_is_written(tmp_path):
+    env = {**ENV, "FMNIST_AUTH_CACHE_TTL_SECONDS": "1m"}
+    with pytest.raises(server.ServerConfigError,
+                       match="FMNIST_AUTH_CACHE_TTL_SECONDS='1m': expected a whole number"):
+        server.server_command(env, "127.0.0.1", 5000, 2, tmp_path / "config")
+    assert not (tmp_path / "config").exists()
+
+
 def test_allowed_hosts_and_origins_come_from_the_environment(tmp_path):
     env = {**ENV, "MLFLOW_SERVER_ALLOWED_HOSTS": "mlflow-host:5000, mlflow-host",
            "MLFLOW_SERVER_CORS_ALLOWED_ORIGINS": "http://mlflow-host:5000"}

@@ -19,6 +19,8 @@ S3-compatible bucket) and the ``basic-auth`` app. Secrets come from the environm
     MLFLOW_SERVER_CORS_ALLOWED_ORIGINS  the UI's origins (``http://mlflow-host:5000``)
     MLFLOW_SERVER_ENABLE_JOB_EXECUTION  MLflow's job runner for GenAI features (default here:
                                     false, eight fewer processes)
+    FMNIST_AUTH_CACHE_TTL_SECONDS   how long a server worker trusts a checked user and password
+                                    (default 60; 0 checks the hash on every request)
 
 The default permission is NO_PERMISSIONS: a user reads and writes only the experiments the
 creator or an administrator granted (``python -m fmnist_crnn.server grant``); the creator of an
@@ -40,6 +42,13 @@ REQUIRED = ("MLFLOW_BACKEND_STORE_URI", "MLFLOW_ARTIFACTS_DESTINATION",
             "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")
 DEFAULT_PERMISSION = "NO_PERMISSIONS"
 MIN_ADMIN_PASSWORD = 12  # MLflow's basic-auth app refuses to start with a shorter one
+# MLflow checks a request's password against its scrypt hash (~0.14 s of the server's CPU
+# here) on every request unless its credential cache is on, and a tracked run makes many
+# requests: against PostgreSQL + S3 with auth, a 2-epoch slice `dvc repro` waited 39 s
+# for the server without the cache and 8 s with it (docs/team.md). The price: a password
+# change or a deleted user reaches the *other* server workers only when their entry expires.
+AUTH_CACHE_TTL_ENV = "FMNIST_AUTH_CACHE_TTL_SECONDS"
+AUTH_CACHE_TTL_S = 60
 LOOPBACK_HOSTS = ("localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[::1]", "[::1]:*")
 
 
@@ -54,10 +63,22 @@ def auth_database_uri(backend_uri: str) -> str:
     return urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}_auth"))
 
 
+def auth_cache_ttl(env: dict[str, str]) -> int:
+    """Seconds a worker caches a successful credential check (MLflow's auth_cache_ttl_seconds)."""
+    raw = env.get(AUTH_CACHE_TTL_ENV, "").strip()
+    if not raw:
+        return AUTH_CACHE_TTL_S
+    if not raw.isdigit():
+        raise ServerConfigError(f"{AUTH_CACHE_TTL_ENV}={raw!r}: expected a whole number of "
+                                "seconds, 0 to check the password on every request")
+    return int(raw)
+
+
 def auth_config(env: dict[str, str]) -> str:
     """The basic-auth INI file's text. The admin password stays in the environment."""
     database = env.get("MLFLOW_AUTH_DATABASE_URI") or auth_database_uri(
         env["MLFLOW_BACKEND_STORE_URI"])
+    ttl = auth_cache_ttl(env)
     return "\n".join([
         "[mlflow]",
         f"default_permission = {DEFAULT_PERMISSION}",
@@ -65,6 +86,7 @@ def auth_config(env: dict[str, str]) -> str:
         f"admin_username = {env.get('MLFLOW_AUTH_ADMIN_USERNAME') or 'admin'}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth",
         "grant_default_workspace_access = false",
+        f"auth_cache_ttl_seconds = {ttl}",
         "",
     ])
 
@@ -85,9 +107,10 @@ def server_command(env: dict[str, str], host: str, port: int, workers: int,
         raise ServerConfigError(
             "MLFLOW_BACKEND_STORE_URI: say postgresql+psycopg2://... (the pinned driver); a "
             "plain postgresql:// makes SQLAlchemy look for psycopg 3, which is not installed")
+    text = auth_config(env)  # checks the cache setting before anything is written
     config_dir.mkdir(parents=True, exist_ok=True)
     ini = config_dir / "basic_auth.ini"
-    ini.write_text(auth_config(env))
+    ini.write_text(text)
     ini.chmod(0o600)
     command = [sys.executable, "-m", "mlflow", "server",
                "--backend-store-uri", backend,
