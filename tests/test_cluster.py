@@ -203,30 +203,34 @@ def test_a_run_stopped_by_sigterm_ends_killed_not_running(server, tracked_repo):
 
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
-    """mlflow server + dask scheduler + 2 workers + a bare git remote + a DVC remote."""
+    """mlflow server + dask scheduler + 2 workers + a bare git remote + a DVC remote. The
+    server and the scheduler start first and import while the repository is made."""
     workdir = tmp_path_factory.mktemp("cluster")
-    srv = services.PlainMlflowServer(workdir, services.stranger_base_env())
-    srv.start()
-    holds = workdir / "holds"
-    holds.mkdir()
-    repo, env = make_repo(tmp_path_factory, SLICE, extra_env={"MLFLOW_TRACKING_URI": srv.url},
-                          name="head")
-    remote = workdir / "remote.git"
-    run(["git", "init", "-q", "--bare", str(remote)], workdir, env)
-    run(["git", "remote", "add", "origin", str(remote)], repo, env)
-    run([*DVC, "remote", "add", "-d", "store", str(workdir / "dvc-store")], repo, env)
-    run(["git", "commit", "-qam", "remotes"], repo, env)
-    run(["git", "push", "-q", "origin", "HEAD"], repo, env)
+    base = services.stranger_base_env()
+    srv = services.PlainMlflowServer(workdir, base)
     cluster = services.DaskCluster(workdir)
-    worker_env = {**env, "PATH": f"{Path(sys.executable).parent}:{env['PATH']}",
-                  "FMNIST_CRNN_HOLD_DIR": str(holds)}
+    bin_first = f"{Path(sys.executable).parent}:"
     try:
-        cluster.start_scheduler(worker_env)
+        srv.launch()
+        cluster.start_scheduler({**base, "PATH": bin_first + base["PATH"]})
+        holds = workdir / "holds"
+        holds.mkdir()
+        repo, env = make_repo(tmp_path_factory, SLICE,
+                              extra_env={"MLFLOW_TRACKING_URI": srv.url}, name="head")
+        remote = workdir / "remote.git"
+        run(["git", "init", "-q", "--bare", str(remote)], workdir, env)
+        run(["git", "remote", "add", "origin", str(remote)], repo, env)
+        run([*DVC, "remote", "add", "-d", "store", str(workdir / "dvc-store")], repo, env)
+        run(["git", "commit", "-qam", "remotes"], repo, env)
+        run(["git", "push", "-q", "origin", "HEAD"], repo, env)
+        worker_env = {**env, "PATH": bin_first + env["PATH"], "FMNIST_CRNN_HOLD_DIR": str(holds)}
+
         def start_worker(name: str) -> subprocess.Popen:
             return cluster.start_worker(
                 {**worker_env, "FMNIST_STUDY_WORKDIR": str(workdir / name)}, name)
 
         workers = {name: start_worker(name) for name in ("w1", "w2")}
+        srv.wait_ready()
         cluster.wait_for_workers(2)
         yield {"repo": repo, "env": env, "remote": remote, "cluster": cluster,
                "server": srv, "holds": holds, "workdir": workdir, "workers": workers,

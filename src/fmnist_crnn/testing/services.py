@@ -204,8 +204,13 @@ class PlainMlflowServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
-        log_path = self.workdir / "mlflow-server.log"
-        with open(log_path, "a") as log:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the server's process without waiting for it (``wait_ready`` does): a
+        fixture can set up other things while MLflow imports."""
+        with open(self.workdir / "mlflow-server.log", "a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                  self.backend, "--serve-artifacts",
@@ -213,7 +218,9 @@ class PlainMlflowServer:
                  "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"],
                 cwd=self.workdir, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        wait_for_http(f"{self.url}/health", self.proc, log_path)
+
+    def wait_ready(self) -> None:
+        wait_for_http(f"{self.url}/health", self.proc, self.workdir / "mlflow-server.log")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
