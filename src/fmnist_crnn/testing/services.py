@@ -140,24 +140,15 @@ def _importable(module: str) -> bool:
 def mlflow_server(env: dict[str, str], workdir: Path) -> Iterator[str]:
     """`make server`'s launcher (python -m fmnist_crnn.server serve) on a free port."""
     port = free_port()
-    log = open(workdir / "mlflow-server.log", "w")  # noqa: SIM115
+    log_path = workdir / "mlflow-server.log"
+    log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen([sys.executable, "-m", "fmnist_crnn.server", "serve", "--port",
                              str(port), "--workers", "2", "--config-dir",
                              str(workdir / "server-config")],
                             cwd=workdir, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError((workdir / "mlflow-server.log").read_text()[-4000:])
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)  # noqa: S310 (http on loopback)
-                break
-            except (urllib.error.URLError, OSError):
-                if time.monotonic() > deadline:
-                    raise AssertionError("mlflow server did not start") from None
-                time.sleep(1)
+        wait_for_http(f"{url}/health", proc, log_path)
         yield url
     finally:
         proc.terminate()
@@ -201,6 +192,7 @@ class PlainMlflowServer:
         self.env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **env}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = workdir / "mlflow-server.log"
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -210,7 +202,7 @@ class PlainMlflowServer:
     def launch(self) -> None:
         """Start the server's process without waiting for it (``wait_ready`` does): a
         fixture can set up other things while MLflow imports."""
-        with open(self.workdir / "mlflow-server.log", "a") as log:
+        with open(self.log_path, "a") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
                  self.backend, "--serve-artifacts",
@@ -220,7 +212,7 @@ class PlainMlflowServer:
                 start_new_session=True)
 
     def wait_ready(self) -> None:
-        wait_for_http(f"{self.url}/health", self.proc, self.workdir / "mlflow-server.log")
+        wait_for_http(f"{self.url}/health", self.proc, self.log_path)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
