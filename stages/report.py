@@ -17,8 +17,7 @@ def main(args, params) -> None:
     out = Path(args.out)
     path, html_path = report.build_report(
         params, Path(args.history), Path(args.train_metrics), Path(args.test_metrics),
-        Path(args.per_class), Path(args.confusion), Path(args.predictions), Path(args.model),
-        Path(args.split), out)
+        Path(args.per_class), Path(args.confusion), Path(args.views), out)
     print(f"wrote {path} and {html_path}")
     # The report, its figures and the lock that records the hashes of every input of this
     # run go to the training's MLflow run, beside its metrics.
@@ -44,10 +43,8 @@ if __name__ == "__main__":
     p.add_argument("--test-metrics", required=True)
     p.add_argument("--per-class", required=True)
     p.add_argument("--confusion", required=True)
-    p.add_argument("--predictions", required=True,
-                   help="evaluate's per-image predictions with confidence (CSV)")
-    p.add_argument("--model", required=True, help="the trained model (for the inspection)")
-    p.add_argument("--split", required=True, help="folder with train.pt and test.pt")
+    p.add_argument("--views", required=True,
+                   help="evaluate's inspection trace, shape table and mistakes (.npz)")
     p.add_argument("--run", required=True, help="the training's MLflow run id (JSON)")
     p.add_argument("--lock", default="dvc.lock",
                    help="DVC's lock file, logged with the run (DVC writes it: not a dependency)")

@@ -2,8 +2,11 @@
 
 import ast
 import importlib.util
+import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -136,6 +139,19 @@ def test_the_import_walk_sees_imports_inside_functions():
 def test_the_evaluate_stage_draws_no_figure():
     # The report stage draws the test confusion heatmap; evaluate logs only its table.
     assert "plots" not in transitive_imports(REPO / "stages" / "evaluate.py")
+
+
+def test_the_report_stage_runs_without_torch():
+    # What the report draws from the model and the images comes from the evaluate stage's
+    # views file (fmnist_crnn.views); importing torch would cost every run about 2 s.
+    code = ("import sys, runpy; sys.argv = ['report.py', '--help']\n"
+            "try:\n    runpy.run_path('stages/report.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "False"
 
 
 def test_the_import_walk_sees_the_model_code_that_training_logs():

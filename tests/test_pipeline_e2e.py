@@ -268,13 +268,14 @@ RERUNS = {
     "tracking.champion_alias": {"evaluate"},
     "tracking.registered_model_name": {"evaluate"},
     "report.mistakes": {"report"},
+    "report.inspect_indices": {"evaluate", "report"},  # traced where the model is loaded
 }
 NEW_VALUES = {"data.timeout_s": 60, "data.mirror": "http://mirror.invalid/", "split.seed": 7,
               "model.hidden_dim": 64, "train.lr": 0.002, "train.batch_size": 32,
               "augment.erasing": 0.5, "evaluate.tta_shift": 1,
               "tracking.experiment_name": "other", "tracking.study": "s1",
               "tracking.champion_alias": "best", "tracking.registered_model_name": "other",
-              "report.mistakes": 8}
+              "report.mistakes": 8, "report.inspect_indices": [2, 3]}
 
 
 def set_param(repo, key, value):

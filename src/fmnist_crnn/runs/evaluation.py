@@ -1,9 +1,10 @@
-"""The evaluate stage's run: the test set, once; metrics to files and to the training's run."""
+"""The evaluate stage's run: the test set, once; metrics to files and to the training's run,
+and what the report draws that needs the model or the images (fmnist_crnn.views)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,8 @@ from fmnist_crnn.evaluate import (
     tta_views,
 )
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
-from fmnist_crnn.model import load_model
+from fmnist_crnn.model import CRNN, load_model, shape_table
+from fmnist_crnn.views import ReportViews, save_views, trace
 
 
 def run_evaluation(
@@ -30,12 +32,14 @@ def run_evaluation(
     per_class_path: Path,
     predictions_path: Path,
     confusion_path: Path,
+    views_path: Path,
     batch_size: int,
     registered_model_name: str | None,
     champion_alias: str = "champion",
     device_name: str = "auto",
     tta_hflip: bool = False,
     tta_shift: int = 0,
+    inspect_indices: Sequence[int] = (0, 1),
     record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage: the test set, once; metrics to files and to the training's run.
@@ -43,7 +47,8 @@ def run_evaluation(
     With ``tta_hflip`` or ``tta_shift`` the headline metrics average test-time views;
     ``accuracy_without_tta`` (same model, same pass over the test set) shows what they add.
     ``record``: the params this evaluation read; a value that differs from the training's
-    becomes a ``changed.<key>`` tag of the run.
+    becomes a ``changed.<key>`` tag of the run. ``views_path``: the report's views, with the
+    trace of training images ``inspect_indices`` and the misclassified test images.
     """
     device = select_device(device_name)
     model = load_model(model_path, device)
@@ -84,12 +89,27 @@ def run_evaluation(
         f"{data.CLASS_NAMES[a]},{data.CLASS_NAMES[p]},{c:.6f}"
         for a, p, c in zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)]
     atomic_write_text(predictions_path, "\n".join(rows) + "\n")
+    save_views(_report_views(model, split_dir, images, rows[1:], inspect_indices), views_path)
     atomic_write_json(confusion_path, {"classes": list(data.CLASS_NAMES),
                                        "matrix": cm.tolist()})
     # Headline numbers are DVC metrics (columns in `dvc exp show`); per-class ones go apart.
     atomic_write_json(per_class_path, metrics["per_class"])
     atomic_write_json(metrics_path, {k: v for k, v in metrics.items() if k != "per_class"})
     return metrics
+
+
+def _report_views(model: CRNN, split_dir: Path, test_images: torch.Tensor, rows: list[str],
+                  inspect_indices: Sequence[int]) -> ReportViews:
+    """The trace of the training images ``inspect_indices``, the shape table, and every
+    misclassified test image, ranked by the confidence as the predictions file states it."""
+    images, labels = data.load_split(split_dir, "train")
+    idx = torch.tensor(list(inspect_indices))
+    cells = [row.split(",") for row in rows]
+    wrong = sorted((i for i, (actual, predicted, _) in enumerate(cells) if actual != predicted),
+                   key=lambda i: -float(cells[i][2]))
+    titles = [f"{cells[i][0]} -> {cells[i][1]} ({float(cells[i][2]):.0%})" for i in wrong]
+    return ReportViews(list(data.CLASS_NAMES), trace(model, images[idx], labels[idx]),
+                       shape_table(model.cfg), test_images[wrong].numpy(), titles)
 
 
 def _slug(name: str) -> str:
