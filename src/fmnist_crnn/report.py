@@ -144,7 +144,7 @@ def _draw_figures(params: Params, history: list[dict[str, float]], cm_blob: dict
 
 
 def inspection_figures(t: Trace, names: Sequence[str], out_dir: Path) -> list[tuple[str, Path]]:
-    """The network stage by stage (fmnist_crnn.inspection's trace): one PNG per stage and
+    """The network stage by stage (``views.trace``): one PNG per stage and
     image; returns (caption, path) in reading order."""
     out_dir.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, Path]] = []

@@ -1,8 +1,8 @@
 """What the report draws that needs the model or the images: the inspection trace, the shape
-table and the most confident test mistakes. The evaluate stage, which has the model and the
-data loaded, writes them to one NumPy file; the report stage reads it and so imports neither
-torch nor the data (about 2 s of every tracked run). Only ``trace`` uses torch, imported when
-it is called."""
+table and the misclassified test images, most confident first. The evaluate stage, which has
+the model and the data loaded, writes them to one NumPy file; the report stage reads it and so
+imports neither torch nor the data (about 2 s of every tracked run). Only ``trace`` uses
+torch, imported when it is called."""
 
 from __future__ import annotations
 

@@ -83,13 +83,17 @@ def run_evaluation(
                 metrics["accuracy"])
 
     confidence, predicted = torch.softmax(logits, dim=1).max(dim=1)
+    actual, predicted = labels.tolist(), predicted.tolist()
+    # The confidence as the file states it: the report ranks the mistakes by these values.
+    stated = [float(f"{c:.6f}") for c in confidence.tolist()]
     # One row per test image, in order; DVC's confusion plot reads actual/predicted, the
     # report's most-confident-mistakes figure the confidence.
     rows = ["actual,predicted,confidence"] + [
         f"{data.CLASS_NAMES[a]},{data.CLASS_NAMES[p]},{c:.6f}"
-        for a, p, c in zip(labels.tolist(), predicted.tolist(), confidence.tolist(), strict=True)]
+        for a, p, c in zip(actual, predicted, stated, strict=True)]
     atomic_write_text(predictions_path, "\n".join(rows) + "\n")
-    save_views(_report_views(model, split_dir, images, rows[1:], inspect_indices), views_path)
+    save_views(_report_views(model, split_dir, images, actual, predicted, stated,
+                             inspect_indices), views_path)
     atomic_write_json(confusion_path, {"classes": list(data.CLASS_NAMES),
                                        "matrix": cm.tolist()})
     # Headline numbers are DVC metrics (columns in `dvc exp show`); per-class ones go apart.
@@ -98,16 +102,18 @@ def run_evaluation(
     return metrics
 
 
-def _report_views(model: CRNN, split_dir: Path, test_images: torch.Tensor, rows: list[str],
+def _report_views(model: CRNN, split_dir: Path, test_images: torch.Tensor, actual: list[int],
+                  predicted: list[int], confidence: list[float],
                   inspect_indices: Sequence[int]) -> ReportViews:
     """The trace of the training images ``inspect_indices``, the shape table, and every
-    misclassified test image, ranked by the confidence as the predictions file states it."""
+    misclassified test image, most confident first."""
     images, labels = data.load_split(split_dir, "train")
     idx = torch.tensor(list(inspect_indices))
-    cells = [row.split(",") for row in rows]
-    wrong = sorted((i for i, (actual, predicted, _) in enumerate(cells) if actual != predicted),
-                   key=lambda i: -float(cells[i][2]))
-    titles = [f"{cells[i][0]} -> {cells[i][1]} ({float(cells[i][2]):.0%})" for i in wrong]
+    names = data.CLASS_NAMES
+    wrong = sorted((i for i, (a, p) in enumerate(zip(actual, predicted, strict=True)) if a != p),
+                   key=lambda i: -confidence[i])
+    titles = [f"{names[actual[i]]} -> {names[predicted[i]]} ({confidence[i]:.0%})"
+              for i in wrong]
     return ReportViews(list(data.CLASS_NAMES), trace(model, images[idx], labels[idx]),
                        shape_table(model.cfg), test_images[wrong].numpy(), titles)
 
