@@ -39,11 +39,11 @@ from pathlib import Path
 
 import yaml
 
-from fmnist_crnn.testing.repository import sh
+from fmnist_crnn.testing.repository import init_like_a_clone, sh
 
 REPO = Path(__file__).resolve().parents[1]
-COPIED = ("dvc.yaml", "params.yaml", "stages", "src", ".gitignore", ".dvcignore", "MLproject",
-          "python_env.yaml")
+COPIED = (".dvc/config", "dvc.yaml", "params.yaml", "stages", "src", ".gitignore", ".dvcignore",
+          "MLproject", "python_env.yaml")
 STAGE_LINE = re.compile(r"Running stage '(\w+)'")
 SHARES = ("startup_s", "mlflow_import", "mlflow_open", "model_logging", "registration",
           "mlflow_wait_at_end")
@@ -56,6 +56,7 @@ def project_tree(rev: str | None, into: Path) -> Path:
         for item in COPIED:
             src = REPO / item
             if src.exists():
+                (into / item).parent.mkdir(parents=True, exist_ok=True)
                 (shutil.copytree if src.is_dir() else shutil.copy)(src, into / item)
         return into
     archive = subprocess.run(["git", "archive", rev, *COPIED], cwd=REPO, capture_output=True,
@@ -66,15 +67,14 @@ def project_tree(rev: str | None, into: Path) -> Path:
 
 
 def make_repo(tree: Path, repo: Path, env: dict[str, str], limit: int, epochs: int) -> None:
-    shutil.copytree(tree, repo)
+    shutil.copytree(tree, repo, ignore=shutil.ignore_patterns(".dvc"))  # `dvc init` makes it
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["split"]["limit"] = limit
     params["train"]["epochs"] = epochs
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (repo / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q"], repo, env)
-    sh([*dvc, "init", "-q"], repo, env)
+    init_like_a_clone(repo, env, project=tree)
     sh(["git", "add", "-A"], repo, env)
     sh(["git", "commit", "-qm", "benchmark"], repo, env)
     sh([*dvc, "repro", "split"], repo, env)

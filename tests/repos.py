@@ -22,6 +22,7 @@ import yaml
 from filelock import FileLock
 
 from fmnist_crnn.data import DEBIAN_DIR, ENV_DIR
+from fmnist_crnn.testing.repository import init_like_a_clone
 
 from .conftest import DVC, REPO, stranger_env
 
@@ -67,8 +68,7 @@ def _init(repo: Path, params_update: dict | None) -> dict[str, str]:
     # Not activated: `python` on PATH is the system's, without torch. The stages must find
     # the project's interpreter themselves (stages/run.sh), as in a stranger's fresh shell.
     env = stranger_env(repo)
-    run(["git", "init", "-q"], repo, env)
-    run([*DVC, "init", "-q"], repo, env)
+    init_like_a_clone(repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "init"], repo, env)
     return env

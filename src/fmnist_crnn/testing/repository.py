@@ -25,6 +25,16 @@ def sh(cmd: list[Any], cwd: Path, env: dict[str, str]) -> str:
     return proc.stdout
 
 
+def init_like_a_clone(repo: Path, env: dict[str, str], project: Path = CHECKOUT) -> None:
+    """git and DVC initialised in ``repo`` with the DVC settings ``project`` commits
+    (``project``/.dvc/config), as a clone of the project has them: `dvc init` alone would
+    turn DVC's usage report after every command back on (about 1 s of CPU each,
+    docs/decisions.md)."""
+    sh(["git", "init", "-q"], repo, env)
+    sh([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
+    shutil.copy(project / ".dvc" / "config", repo / ".dvc" / "config")
+
+
 def head_repository(root: Path, env: dict[str, str], params: dict[str, Any] | None = None,
                     data_stages: bool = False) -> Path:
     """``root/head``: the pipeline with ``params`` (dotted keys) set, the remotes
@@ -45,8 +55,7 @@ def head_repository(root: Path, env: dict[str, str], params: dict[str, Any] | No
         (head / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
     (head / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
     dvc = [sys.executable, "-m", "dvc"]
-    sh(["git", "init", "-q"], head, env)
-    sh([*dvc, "init", "-q"], head, env)
+    init_like_a_clone(head, env)
     sh(["git", "init", "-q", "--bare", str(root / "remote.git")], root, env)
     sh(["git", "remote", "add", "origin", str(root / "remote.git")], head, env)
     sh([*dvc, "remote", "add", "-d", "store", str(root / "dvc-store")], head, env)
