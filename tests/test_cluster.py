@@ -252,9 +252,11 @@ def start_study(team, study, variants=ONE) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def study_command(team, study, variants):
+def study_command(team, study, variants, epochs=2):
+    """The study's runs: 2 epochs, so that a fault scenario can act between them."""
     return [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", study, "--variants",
-            *variants, "--seeds", "1", "--epochs", "2", "--scheduler", team["cluster"].address]
+            *variants, "--seeds", "1", "--epochs", str(epochs), "--scheduler",
+            team["cluster"].address]
 
 
 def assert_study_landed(team, study, variants=ONE):
@@ -279,17 +281,17 @@ def assert_study_landed(team, study, variants=ONE):
 
 @pytest.mark.distributed
 def test_a_slice_study_spreads_over_both_workers_and_lands_every_run_once(team):
-    proc = subprocess.run(study_command(team, "spread", TWO), cwd=team["repo"],
+    proc = subprocess.run(study_command(team, "spread", TWO, epochs=1), cwd=team["repo"],
                           env=team["env"], capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     records, runs = assert_study_landed(team, "spread", TWO)
     assert {r["worker"]["name"] for r in records} == {"w1", "w2"}
-    assert all(r["test_accuracy"] > 0.15 and len(r["history"]["val_acc"]) == 2 for r in records)
+    assert all(r["test_accuracy"] > 0.15 and len(r["history"]["val_acc"]) == 1 for r in records)
     assert len(runs) == 2
     # The experiments' outputs went to the DVC remote: a clone can pull one.
     assert any((team["workdir"] / "dvc-store").rglob("*"))
     # Run again: everything is recorded, nothing is submitted.
-    again = subprocess.run(study_command(team, "spread", TWO), cwd=team["repo"],
+    again = subprocess.run(study_command(team, "spread", TWO, epochs=1), cwd=team["repo"],
                            env=team["env"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "2 recorded, 0 to run" in again.stdout
 

@@ -320,7 +320,7 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path_factory):
                                              "tracking": {"log_model": False}}, name="queue")
     proc = subprocess.run(
         [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
-         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study",
+         "--variants", "baseline", "dropout01", "--jobs", "2", "--out", "reports/study",
          "--poll", "5"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -328,14 +328,14 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path_factory):
     report = json.loads((repo / "reports/study/tiny.json").read_text())
     assert report["missing"] == []
     summary = report["variants"]
-    assert [s["variant"] for s in summary] == ["baseline", "hidden256"]
+    assert [s["variant"] for s in summary] == ["baseline", "dropout01"]
     recorded = sorted(p.name for p in (repo / "reports/study/runs/tiny").glob("*.json"))
-    assert recorded == ["plan.json", "tiny-baseline-s42.json", "tiny-hidden256-s42.json"]
+    assert recorded == ["plan.json", "tiny-baseline-s42.json", "tiny-dropout01-s42.json"]
     table = (repo / "reports/study/tiny.md").read_text()
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["fashion-mnist-crnn"], output_format="list",
                               filter_string="tags.study = 'tiny'")
-    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "hidden256"]
+    assert sorted(r.data.tags["variant"] for r in runs) == ["baseline", "dropout01"]
     assert all(r.info.status == "FINISHED" for r in runs)  # both landed, nothing lost
     for row in summary:
         [run] = [r for r in runs if r.data.tags["variant"] == row["variant"]]
@@ -351,7 +351,7 @@ def test_two_queued_variants_run_in_parallel_and_are_compared(tmp_path_factory):
     # Run again: everything is recorded, nothing is queued, the table is rebuilt.
     proc = subprocess.run(
         [sys.executable, "-m", "fmnist_crnn.study", "run", "--study", "tiny",
-         "--variants", "baseline", "hidden256", "--jobs", "2", "--out", "reports/study",
+         "--variants", "baseline", "dropout01", "--jobs", "2", "--out", "reports/study",
          "--poll", "5"],
         cwd=repo, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
