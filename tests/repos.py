@@ -2,10 +2,11 @@
 
 The slice repository is built once per test run: this checkout's pipeline on the first
 ``SLICE_LIMIT`` images, committed, with `dvc repro split` done (validate, download, split, their
-outputs in DVC's cache) and MLflow's SQLite store created. Each scenario gets a copy of it (``make_repo``), with its own params
-committed on top, so no scenario pays for the data stages again unless it changes their
-params. Under pytest-xdist the workers share one build (a file lock in the run's base folder).
-``fresh=True`` builds from nothing instead, for the scenarios about a fresh repository.
+outputs in DVC's cache) and MLflow's SQLite store created. Each scenario gets a copy of it
+(``make_repo``), with its own params committed on top, so no scenario pays for the data
+stages again unless it changes their params. Under pytest-xdist the workers share one build
+(a file lock in the run's base folder). ``fresh=True`` builds from nothing instead, for the
+scenarios about a fresh repository.
 """
 
 from __future__ import annotations
