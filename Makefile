@@ -72,10 +72,8 @@ verify: repro ## reproduce, then check every committed metric (identical or with
 # Two pytest-xdist workers: the slow tiers mostly wait on processes they start. --dist
 # loadscope keeps a module's tests on one worker, so a module-wide server, cluster or repository
 # is started once (xdist's loadgroup ignored the xdist_group marks under pytest 9.2 here).
-# --no-loadscope-reorder: modules go out longest first, in the order tests/conftest.py sorts
-# them from tests/durations.json, not xdist's order by number of tests.
 PYTEST_ARGS ?=
-XDIST ?= -n 2 --dist loadscope --no-loadscope-reorder
+XDIST ?= -n 2 --dist loadscope
 test: setup ## every test, every tier (tests/README.md gives the time of each)
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS); status=$$?; \
 	  if [ $$status -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$status

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import json
 import os
 import struct
 import sys
@@ -103,27 +102,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if any(item.get_closest_marker(tier) for tier in TIERS):
             item.add_marker(pytest.mark.slow)
-    # The longest modules first, by the seconds tests/durations.json gives their tests. Under
-    # `--dist loadscope --no-loadscope-reorder` (make test) xdist hands out modules in this
-    # order, so the two workers finish close together instead of one starting the cluster
-    # module last (xdist's own order is by number of tests: the many fast ones first).
-    # A stable sort: the tests of a module keep their order.
-    seconds = module_seconds()
-    items.sort(key=lambda item: -seconds.get(item.nodeid.split("::")[0], 0.0))
-
-
-def module_seconds() -> dict[str, float]:
-    """Each test module's seconds in tests/durations.json (the last full run's; none when the
-    file is missing or unreadable: collection order then)."""
-    try:
-        durations = json.loads((REPO / "tests" / "durations.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    totals: dict[str, float] = {}
-    for nodeid, seconds in durations.items():
-        module = nodeid.split("::")[0]
-        totals[module] = totals.get(module, 0.0) + float(seconds)
-    return totals
 
 
 @pytest.hookimpl(wrapper=True)
