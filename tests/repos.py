@@ -25,6 +25,7 @@ from filelock import FileLock
 
 from fmnist_crnn.data import DEBIAN_DIR, ENV_DIR
 from fmnist_crnn.testing.repository import init_like_a_clone
+from fmnist_crnn.tracking import default_tracking_uri
 
 from .conftest import DVC, REPO, stranger_env
 
@@ -128,7 +129,7 @@ def _build_slice(template: Path) -> None:
     # them runs MLflow's schema migrations (about 2.3 s of CPU), once here instead of in every
     # scenario's first run. The store is git-ignored; `copy` renames its paths.
     run([sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1])"
-         ".search_experiments()", f"sqlite:///{template / 'mlflow.db'}"], template, env)
+         ".search_experiments()", default_tracking_uri(template)], template, env)
     run(["git", "add", "-A"], template, env)
     run(["git", "commit", "-qm", "data stages"], template, env)
 

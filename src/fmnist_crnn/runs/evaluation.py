@@ -35,11 +35,11 @@ def run_evaluation(
     views_path: Path,
     batch_size: int,
     registered_model_name: str | None,
+    inspect_indices: Sequence[int],
     champion_alias: str = "champion",
     device_name: str = "auto",
     tta_hflip: bool = False,
     tta_shift: int = 0,
-    inspect_indices: Sequence[int] = (0, 1),
     record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage: the test set, once; metrics to files and to the training's run.
