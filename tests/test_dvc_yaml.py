@@ -235,3 +235,22 @@ def test_no_function_in_the_library_or_the_stages_is_over_80_lines():
                 if length > 80:
                     long.append(f"{path.name}:{node.name} ({length} lines)")
     assert not long
+
+
+@pytest.mark.parametrize("where", ["the project", "a repository made like a clone"])
+def test_dvc_sends_no_usage_report(where, tmp_path, monkeypatch):
+    """The project's .dvc/config turns DVC's usage report off (docs/decisions.md), and the
+    repositories the tests and benchmarks build keep it off, as a clone does."""
+    from dvc import analytics
+
+    from fmnist_crnn.testing.repository import init_like_a_clone
+
+    for name in ("DVC_NO_ANALYTICS", "DVC_TEST"):
+        monkeypatch.delenv(name, raising=False)
+    root = REPO
+    if where != "the project":
+        root = tmp_path / "repo"
+        root.mkdir()
+        init_like_a_clone(root, {**os.environ, "GIT_CONFIG_NOSYSTEM": "1"})
+    monkeypatch.chdir(root)
+    assert not analytics.is_enabled()
