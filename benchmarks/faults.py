@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import signal
 import subprocess
@@ -43,6 +42,7 @@ from pathlib import Path
 
 import psutil
 
+from fmnist_crnn.environment import cpu_model
 from fmnist_crnn.testing import services
 from fmnist_crnn.testing.repository import head_repository, sh
 
@@ -297,7 +297,7 @@ def main() -> None:
         print(f"| {key} | {value} |")
     print(f"\ndrill {'PASSED' if ok else 'FAILED'} in {time.perf_counter() - started:.0f} s")
     result = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": {"cpu": platform.processor() or platform.machine(),
+              "machine": {"cpu": cpu_model(),
                           "cores": os.cpu_count()},
               "args": {k: v if not isinstance(v, Path) else str(v) for k, v in
                        vars(args).items()},

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -37,6 +36,7 @@ from pathlib import Path
 
 import yaml
 
+from fmnist_crnn.environment import cpu_model
 from fmnist_crnn.testing.repository import init_like_a_clone, sh
 
 REPO = Path(__file__).resolve().parents[1]
@@ -192,7 +192,7 @@ def main() -> None:
         after = results["current"]["median"]["outside_training_s"]
         print(f"\noutside training: {before:.1f} s -> {after:.1f} s ({before / after:.2f}x less)")
     report = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-              "machine": {"cpu": platform.processor() or platform.machine(),
+              "machine": {"cpu": cpu_model(),
                           "cores": os.cpu_count()},
               "limit": args.limit, "epochs": args.epochs, **results}
     if args.out:
