@@ -223,6 +223,28 @@ def test_flip_is_horizontal_only_and_about_half_the_batch():
     assert 60 < (cols == 18).sum() < 140
 
 
+def test_alternating_flips_show_each_image_both_ways_every_two_epochs():
+    images = torch.arange(200 * 2 * 3, dtype=torch.int32).reshape(200, 2, 3)
+    odd = data.alternating_flips(200, seed=7)
+    assert torch.equal(odd, data.alternating_flips(200, seed=7))  # the seed alone decides
+    assert not torch.equal(odd, data.alternating_flips(200, seed=8))
+    assert 60 < odd.sum() < 140  # about half start mirrored
+    mirrored = images.flip(-1)
+    first, second, third = (data.epoch_images(images, odd, epoch) for epoch in (1, 2, 3))
+    for i in range(200):
+        assert torch.equal(first[i], mirrored[i] if odd[i] else images[i])
+        assert torch.equal(second[i], images[i] if odd[i] else mirrored[i])
+    assert torch.equal(third, first)
+
+
+def test_with_alternating_flips_the_batches_draw_no_flip_of_their_own():
+    x = _dot_batch(50)
+    generator = torch.Generator().manual_seed(0)
+    out = data.augment_batch(x, AugmentConfig(hflip=True, alternate_flips=True), generator)
+    assert torch.equal(out, x)
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
 def test_random_erasing_blanks_one_rectangle_with_probability_p():
     x = torch.ones(400, 1, 28, 28)
     out = data.random_erasing(x, 0.5, torch.Generator().manual_seed(0))

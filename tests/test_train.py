@@ -158,6 +158,34 @@ def test_recipe_knobs_train_repeatably_and_resume_exactly(splits, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_alternating_flips_train_repeatably_resume_exactly_and_change_the_training(
+        splits, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(RECIPE, ema_decay=None)
+    alternating = AugmentConfig(hflip=True, alternate_flips=True)
+    full = train.fit(SMALL, cfg, *splits, alternating, progress=False)
+    random_flips = train.fit(SMALL, cfg, *splits, AugmentConfig(hflip=True), progress=False)
+    assert [r["train_loss"] for r in full.history] != [
+        r["train_loss"] for r in random_flips.history]
+
+    ckpt = tmp_path / "last.pt"
+
+    def crash_in_epoch_3(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(SMALL, cfg, *splits, alternating, checkpoint_path=ckpt, fingerprint="fp",
+                  on_epoch=crash_in_epoch_3, progress=False)
+    resumed = train.fit(SMALL, cfg, *splits, alternating, checkpoint_path=ckpt,
+                        fingerprint="fp", resume=training.load_resume_state(ckpt, "fp"),
+                        progress=False)
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    wa, wb = weights(full.model), weights(resumed.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_each_knob_changes_the_training(splits):
     import dataclasses
 

@@ -177,9 +177,16 @@ class AugmentConfig:
 
     crop_padding: int = 0  # random crop of the image padded by this many (black) pixels
     hflip: bool = False  # mirror half the images left-right (never upside down)
+    # With hflip: half the images (drawn once from train.seed) mirrored in odd epochs, the
+    # other half in even ones, so each image is seen both ways every two epochs (airbench's
+    # alternating flip) instead of at random.
+    alternate_flips: bool = False
     erasing: float = 0.0  # probability of erasing a random rectangle (RandomErasing's ranges)
 
     def __post_init__(self) -> None:
+        _check(self.hflip or not self.alternate_flips, "augment.alternate_flips",
+               self.alternate_flips, "false while augment.hflip is false (it alternates the "
+               "mirrored images)")
         _check(0 <= self.crop_padding < IMAGE_SIDE, "augment.crop_padding", self.crop_padding,
                f"an integer from 0 to {IMAGE_SIDE - 1} (a crop padded by the whole "
                f"{IMAGE_SIDE}-pixel image can be all padding)")

@@ -288,12 +288,28 @@ def augment_batch(x: torch.Tensor, cfg: AugmentConfig, generator: torch.Generato
     """Random crop with zero padding, horizontal flip, random erasing on float (B, C, H, W)."""
     if cfg.crop_padding:
         x = random_crop(x, cfg.crop_padding, generator)
-    if cfg.hflip:
+    if cfg.hflip and not cfg.alternate_flips:  # alternating: the epoch's images come mirrored
         flip = torch.rand(len(x), generator=generator) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     if cfg.erasing:
         x = random_erasing(x, cfg.erasing, generator)
     return x
+
+
+def alternating_flips(n: int, seed: int) -> torch.Tensor:
+    """Which of ``n`` training images ``augment.alternate_flips`` mirrors in odd epochs (the
+    rest in even ones): half of them at random, drawn from ``seed`` alone, so a resumed run
+    and every process under torchrun draw the same half, and the batches' generator is
+    untouched."""
+    return torch.rand(n, generator=torch.Generator().manual_seed(seed)) < 0.5
+
+
+def epoch_images(images: torch.Tensor, odd_flips: torch.Tensor, epoch: int) -> torch.Tensor:
+    """The (N, H, W) training images as epoch ``epoch`` (from 1) trains on them under
+    alternating flips: the images of ``odd_flips`` mirrored in odd epochs, the others in even
+    ones."""
+    flip = odd_flips if epoch % 2 else ~odd_flips
+    return torch.where(flip[:, None, None], images.flip(-1), images)
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:

@@ -304,9 +304,14 @@ def fit(
     show = progress and ctx.is_main
     epochs = tqdm(range(start_epoch + 1, cfg.epochs + 1), desc="Epochs", unit="epoch",
                   initial=start_epoch, total=cfg.epochs, disable=not show, dynamic_ncols=True)
+    odd_flips = (data.alternating_flips(len(train_data[1]), cfg.seed)
+                 if augment is not None and augment.alternate_flips else None)
     for epoch in epochs:
         started = time.perf_counter()
-        bar = tqdm(data.batches(*train_data, cfg.batch_size, state.generator, select=shard),
+        images = (train_data[0] if odd_flips is None
+                  else data.epoch_images(train_data[0], odd_flips, epoch))
+        bar = tqdm(data.batches(images, train_data[1], cfg.batch_size, state.generator,
+                                select=shard),
                    total=steps, desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not show, dynamic_ncols=True, mininterval=1.0)
         train_loss, train_acc = train_one_epoch(state, trained, cfg, augment, bar, device,
