@@ -56,6 +56,7 @@ def test_repository_params_are_the_study_baseline():
     ("tracking", "registered_model_name", "a/b", "'tracking.registered_model_name'"),
     ("report", "inspect_indices", [0, 42000], "'report.inspect_indices'.*below 42,000"),
     ("train", "amp_validation", True, "'train.amp_validation'.*while train.amp is false"),
+    ("train", "norm_bias_lr_scale", 0, "'train.norm_bias_lr_scale'"),
     ("augment", "alternate_flips", True, "'augment.alternate_flips'.*while augment.hflip is"),
 ])
 def test_bad_values_name_the_key(section, key, value, fragment):

@@ -131,6 +131,32 @@ def test_schedules_warm_up_peak_at_lr_and_anneal():
     assert warm[0] == pytest.approx(0.0004) and warm[10:] == [0.01] * 10
 
 
+def test_norm_biases_get_their_own_lr_and_decay_through_the_schedule():
+    from fmnist_crnn.model import CRNN
+
+    model = CRNN(SMALL)
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert norm_biases
+    one = train.make_optimizer(model, RECIPE)
+    assert len(one.param_groups) == 1  # the default: the optimizer as it always was
+    cfg = TrainConfig(epochs=2, optimizer="adamw", lr=0.01, weight_decay=0.08,
+                      schedule="onecycle", warmup_epochs=1, norm_bias_lr_scale=4.0)
+    opt = train.make_optimizer(model, cfg)
+    rest, biases = opt.param_groups
+    assert {id(p) for p in biases["params"]} == norm_biases
+    assert not norm_biases & {id(p) for p in rest["params"]}
+    assert len(rest["params"]) + len(biases["params"]) == len(list(model.parameters()))
+    assert (biases["weight_decay"], rest["weight_decay"]) == (0.02, 0.08)
+    sched = train.make_scheduler(opt, cfg, steps_per_epoch=5)
+    peaks = []
+    for _ in range(10):
+        assert biases["lr"] == pytest.approx(4 * rest["lr"])
+        peaks.append(rest["lr"])
+        opt.step()
+        sched.step()
+    assert max(peaks) == pytest.approx(0.01, rel=1e-3)
+
+
 def test_recipe_knobs_train_repeatably_and_resume_exactly(splits, tmp_path):
     full = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
     again = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)

@@ -67,12 +67,26 @@ def seed_everything(seed: int) -> None:
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = parameter_groups(model, cfg)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9,
-                           weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
+
+
+def parameter_groups(model: torch.nn.Module, cfg: TrainConfig) -> Any:
+    """The model's parameters, one group; with ``train.norm_bias_lr_scale`` other than 1, the
+    BatchNorm biases in a second group at that multiple of lr and weight decay divided by it."""
+    if cfg.norm_bias_lr_scale == 1:
+        return model.parameters()
+    norm_biases = [m.bias for m in model.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None]
+    chosen = {id(p) for p in norm_biases}
+    scale = cfg.norm_bias_lr_scale
+    return [{"params": [p for p in model.parameters() if id(p) not in chosen]},
+            {"params": norm_biases, "lr": cfg.lr * scale,
+             "weight_decay": cfg.weight_decay / scale}]
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
@@ -80,8 +94,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     """The learning-rate schedule, stepped after every batch; None keeps lr constant."""
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
+        # Each group peaks at its own lr (the BatchNorm biases' group at its multiple).
+        peaks = [group["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total, pct_start=cfg.warmup_epochs / cfg.epochs)
+            optimizer, max_lr=peaks if len(peaks) > 1 else cfg.lr, total_steps=total,
+            pct_start=cfg.warmup_epochs / cfg.epochs)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "none" and warmup == 0:
         return None
