@@ -157,6 +157,19 @@ def test_norm_biases_get_their_own_lr_and_decay_through_the_schedule():
     assert max(peaks) == pytest.approx(0.01, rel=1e-3)
 
 
+def _crash_in_epoch_3_then_resume(cfg, augment, splits, ckpt):
+    """Train until epoch 3 raises KeyboardInterrupt, then resume from the checkpoint."""
+    def crash_in_epoch_3(record):
+        if record["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(SMALL, cfg, *splits, augment, checkpoint_path=ckpt, fingerprint="fp",
+                  on_epoch=crash_in_epoch_3, progress=False)
+    return train.fit(SMALL, cfg, *splits, augment, checkpoint_path=ckpt, fingerprint="fp",
+                     resume=training.load_resume_state(ckpt, "fp"), progress=False)
+
+
 def test_recipe_knobs_train_repeatably_and_resume_exactly(splits, tmp_path):
     full = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
     again = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
@@ -165,18 +178,7 @@ def test_recipe_knobs_train_repeatably_and_resume_exactly(splits, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(
         full.model.state_dict().values(), full.last_raw.state_dict().values(), strict=True))
 
-    ckpt = tmp_path / "last.pt"
-
-    def crash_in_epoch_3(record):
-        if record["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(SMALL, RECIPE, *splits, AUGMENT, checkpoint_path=ckpt, fingerprint="fp",
-                  on_epoch=crash_in_epoch_3, progress=False)
-    resumed = train.fit(SMALL, RECIPE, *splits, AUGMENT, checkpoint_path=ckpt,
-                        fingerprint="fp", resume=training.load_resume_state(ckpt, "fp"),
-                        progress=False)
+    resumed = _crash_in_epoch_3_then_resume(RECIPE, AUGMENT, splits, tmp_path / "last.pt")
     assert resumed.resumed_from_epoch == 2
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
     assert [r["lr"] for r in resumed.history] == [r["lr"] for r in full.history]
@@ -195,18 +197,7 @@ def test_alternating_flips_train_repeatably_resume_exactly_and_change_the_traini
     assert [r["train_loss"] for r in full.history] != [
         r["train_loss"] for r in random_flips.history]
 
-    ckpt = tmp_path / "last.pt"
-
-    def crash_in_epoch_3(record):
-        if record["epoch"] == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train.fit(SMALL, cfg, *splits, alternating, checkpoint_path=ckpt, fingerprint="fp",
-                  on_epoch=crash_in_epoch_3, progress=False)
-    resumed = train.fit(SMALL, cfg, *splits, alternating, checkpoint_path=ckpt,
-                        fingerprint="fp", resume=training.load_resume_state(ckpt, "fp"),
-                        progress=False)
+    resumed = _crash_in_epoch_3_then_resume(cfg, alternating, splits, tmp_path / "last.pt")
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
     wa, wb = weights(full.model), weights(resumed.model)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
