@@ -95,10 +95,9 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
     total = cfg.epochs * steps_per_epoch
     if cfg.schedule == "onecycle":
         # Each group peaks at its own lr (the BatchNorm biases' group at its multiple).
-        peaks = [group["lr"] for group in optimizer.param_groups]
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=peaks if len(peaks) > 1 else cfg.lr, total_steps=total,
-            pct_start=cfg.warmup_epochs / cfg.epochs)
+            optimizer, max_lr=[group["lr"] for group in optimizer.param_groups],
+            total_steps=total, pct_start=cfg.warmup_epochs / cfg.epochs)
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     if cfg.schedule == "none" and warmup == 0:
         return None
