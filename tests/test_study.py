@@ -88,7 +88,7 @@ def test_the_full_training_set_recipe_is_the_recipe_without_validation_on_42_epo
     assert not set(study.RECIPES) & (set(study.RECIPE_VARIANTS) | set(study.VARIANTS))
 
 
-def test_the_no_dropout_recipe_is_the_full_training_set_recipe_on_30_epochs_without_dropout():
+def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout():
     best_60k_30 = {**study.scale_to_epochs(study.RECIPES["best-60k-42ep"], 30), "train.epochs": 30}
     assert study.RECIPES["best-60k-nodrop-30ep"] == {
         **best_60k_30, "model.dropout": [0.0, 0.0, 0.0, 0.0]}
@@ -96,6 +96,8 @@ def test_the_no_dropout_recipe_is_the_full_training_set_recipe_on_30_epochs_with
                    "train.epochs": 28}
     assert study.RECIPES["best-60k-nodrop-28ep"] == best_60k_28
     assert best_60k_28["train.warmup_epochs"] == pytest.approx(0.2 * 28)
+    assert study.RECIPES["best-60k-nodrop-52ep"] == {
+        **study.scale_to_epochs(study.RECIPES["best-60k-nodrop-30ep"], 52), "train.epochs": 52}
     # Its 70:30 probe differs from the ladder's 22 epochs in the dropout alone.
     assert study.RECIPES["best-nodrop-22ep"] == {
         **study.RECIPES["best-22ep"], "model.dropout": [0.0, 0.0, 0.0, 0.0]}
