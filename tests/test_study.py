@@ -418,7 +418,7 @@ def test_waiting_retries_a_failed_collect_at_the_next_poll(monkeypatch):
 
 def test_waiting_restarts_workers_only_when_none_is_seen_twice_and_nothing_runs(monkeypatch):
     # A fresh worker can run its task before `dvc queue status` counts it: restarting then
-    # would put a second timed training beside the first (seen in sitting E).
+    # would put a second timed training beside the first (it happened once).
     from fmnist_crnn.study import queue
 
     def status(workers, *states):
@@ -435,6 +435,39 @@ def test_waiting_restarts_workers_only_when_none_is_seen_twice_and_nothing_runs(
     monkeypatch.setattr(queue, "start_workers", started.append)
     queue.wait(1, poll_s=0)
     assert started == [1]  # once: after the second poll in a row with no worker and no run
+
+
+@pytest.mark.parametrize("staged_before", [False, True])
+def test_timing_the_default_run_leaves_the_lock_staged_only_if_it_was(staged_before, tmp_path,
+                                                                      monkeypatch):
+    # DVC stages the lock it rewrites (core.autostage); on another CPU it names that machine's
+    # outputs, and a `git commit` of the study's records or the user's files would take it.
+    from fmnist_crnn.study import queue
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, check=True, capture_output=True, text=True).stdout
+
+    git("init", "-q")
+    (tmp_path / "dvc.lock").write_text("model: committed\n")
+    git("add", "dvc.lock")
+    git("commit", "-q", "-m", "lock")
+    if staged_before:  # the user's own staged change stays staged
+        (tmp_path / "dvc.lock").write_text("model: staged by the user\n")
+        git("add", "dvc.lock")
+    monkeypatch.chdir(tmp_path)
+
+    def repro(*args, capture=True):  # what `dvc repro` does to the lock, autostage included
+        (tmp_path / "dvc.lock").write_text("model: this machine's\n")
+        git("add", "dvc.lock")
+        (tmp_path / "metrics").mkdir(exist_ok=True)
+        (tmp_path / "metrics" / "train.json").write_text('{"train_seconds": 281.5}')
+        return ""
+
+    monkeypatch.setattr(queue, "dvc", repro)
+    assert queue.time_default_run() == 281.5
+    assert (tmp_path / "dvc.lock").read_text() == "model: this machine's\n"
+    assert bool(git("diff", "--cached", "--name-only")) is staged_before
 
 
 def test_queue_workers_start_without_holding_the_runners_output_open(tmp_path):

@@ -132,9 +132,28 @@ def wait(jobs: int, on_finished: Callable[[], None] = lambda: None,
 
 def time_default_run() -> float:
     """Train the default run again in the workspace (`dvc repro -f -s train && dvc repro`) and
-    return its training seconds: the reference a study's times are divided by."""
+    return its training seconds: the reference a study's times are divided by.
+
+    DVC stages the dvc.lock it rewrites (``core.autostage``), and on another CPU the lock then
+    names that machine's outputs; so a lock that was not staged before is unstaged again, and
+    the next ``git commit`` of the study's records or the user's own files does not take it.
+    """
     import json
 
+    lock_was_staged = _staged("dvc.lock")
     dvc("repro", "-f", "-s", "train", capture=False)
     dvc("repro", capture=False)
+    if lock_was_staged is False:
+        subprocess.run(["git", "reset", "-q", "--", "dvc.lock"], capture_output=True)
     return float(json.loads(Path("metrics/train.json").read_text())["train_seconds"])
+
+
+def _staged(path: str) -> bool | None:
+    """Whether git's index holds a change of ``path`` against HEAD; None outside a git
+    repository (or without git), where nothing is staged or unstaged."""
+    try:
+        proc = subprocess.run(["git", "diff", "--cached", "--quiet", "--", path],
+                              capture_output=True)
+    except OSError:
+        return None
+    return {0: False, 1: True}.get(proc.returncode)
