@@ -31,6 +31,7 @@ def test_repository_params_are_the_study_baseline():
     ("model", "hiden_dim", 3, "unknown key 'model.hiden_dim'"),
     ("model", "hidden_dim", "big", "'model.hidden_dim'"),
     ("model", "hidden_dim", -4, "'model.hidden_dim'"),
+    ("model", "projection_dim", -1, "'model.projection_dim'"),
     ("model", "dropout", [0.1, 1.0, 0.1], "'model.dropout'"),
     ("model", "kernel_sizes", [3, 3], "'model.kernel_sizes'"),
     ("train", "batch_size", 0, "'train.batch_size'"),

@@ -115,3 +115,19 @@ def test_rows_sequence_steps_are_the_feature_map_rows():
     model.sequence(fmap)
     # Step t holds row t of every channel: (C, W) flattened channel-major.
     assert torch.equal(seen["x"][:, 3], fmap[:, :, 3, :].reshape(2, -1))
+
+
+def test_a_projection_feeds_the_lstm_its_own_width():
+    cfg = dataclasses.replace(ROWS, projection_dim=20)
+    model = CRNN(cfg).eval()
+    assert (model.projection.in_features, model.projection.out_features) == (16 * 7, 20)
+    assert model.lstm.input_size == 20
+    seen = {}
+    model.lstm.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+    assert list(model(torch.randn(2, 1, 28, 28)).shape) == [2, 10]
+    assert list(seen["x"].shape) == [2, 7, 20]
+    # Without one the model has exactly the same weights as before the option existed.
+    plain = CRNN(ROWS)
+    assert not any(k.startswith("projection") for k in plain.state_dict())
+    assert count_parameters(model) - count_parameters(plain) == (
+        16 * 7 * 20 + 20 - 4 * 12 * (16 * 7 - 20))

@@ -101,6 +101,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     # Its 70:30 probe differs from the ladder's 22 epochs in the dropout alone.
     assert study.RECIPES["best-nodrop-22ep"] == {
         **study.RECIPES["best-22ep"], "model.dropout": [0.0, 0.0, 0.0, 0.0]}
+    for width in (512, 384):
+        assert study.RECIPES[f"best-nodrop-p{width}-22ep"] == {
+            **study.RECIPES["best-nodrop-22ep"], "model.projection_dim": width}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():

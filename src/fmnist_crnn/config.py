@@ -72,6 +72,10 @@ class ModelConfig:
     # C*W features), "columns" the W columns (steps of C*H); embedding_dim is unused by both.
     sequence: Literal["chunk", "rows", "columns"] = "chunk"
     embedding_dim: int = 64
+    # 0: the LSTM reads each step's features as they are. N: a linear layer maps each step to
+    # N features first (the LSTM's input size becomes N): a factorised input weight, cheaper
+    # where the step is wide (7 rows of 128 channels x 7 columns are 896 features a step).
+    projection_dim: int = 0
     hidden_dim: int = 128
     num_layers: int = 3
     bidirectional: bool = False
@@ -104,6 +108,8 @@ class ModelConfig:
         for key in ("embedding_dim", "hidden_dim", "num_layers", "in_channels", "image_size",
                     "num_classes"):
             _check(getattr(self, key) >= 1, f"model.{key}", getattr(self, key), "an integer >= 1")
+        _check(self.projection_dim >= 0, "model.projection_dim", self.projection_dim,
+               "0 (no projection) or an integer >= 1")
         _check(all(0 <= p < 1 for p in self.dropout), "model.dropout", list(self.dropout),
                "probabilities in [0, 1)")
         _check(0 <= self.head_dropout < 1, "model.head_dropout", self.head_dropout,

@@ -43,7 +43,11 @@ class CRNN(nn.Module):
             blocks.append(nn.Sequential(*layers))
             in_ch = c
         self.blocks = nn.ModuleList(blocks)
-        self.lstm = nn.LSTM(self.plan.step_size, cfg.hidden_dim, num_layers=cfg.num_layers,
+        # No parameters when off, so the default model's weights and their init are unchanged.
+        self.projection = (nn.Linear(self.plan.step_size, cfg.projection_dim)
+                           if cfg.projection_dim else nn.Identity())
+        self.lstm = nn.LSTM(cfg.projection_dim or self.plan.step_size, cfg.hidden_dim,
+                            num_layers=cfg.num_layers,
                             batch_first=True, bidirectional=cfg.bidirectional)
         head: list[nn.Module] = [nn.Flatten()]
         width = self.plan.head_in
@@ -72,7 +76,7 @@ class CRNN(nn.Module):
             fmap = fmap.permute(0, 3, 1, 2)
         # "chunk", the study's reshape: (B, C, H, W) -> (B, C*H*W / E, E)
         seq = fmap.reshape(b, self.plan.seq_len, self.plan.step_size)
-        out, _ = self.lstm(seq)  # (B, T, step) -> (B, T, hidden * directions)
+        out, _ = self.lstm(self.projection(seq))  # (B, T, step) -> (B, T, hidden * directions)
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
