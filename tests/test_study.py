@@ -106,6 +106,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
             **study.RECIPES["best-nodrop-22ep"], "model.projection_dim": width}
     assert study.RECIPES["best-nodrop-e50-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "augment.erasing": 0.5}
+    assert study.RECIPES["best-nodrop-la5-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.lookahead_steps": 5}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():

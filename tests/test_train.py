@@ -203,13 +203,46 @@ def test_alternating_flips_train_repeatably_resume_exactly_and_change_the_traini
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_lookahead_pulls_the_weights_to_a_slow_copy_on_its_schedule():
+    model = torch.nn.Linear(3, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    look = train.Lookahead(model, every=2, total_steps=4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    look.after_step(model)  # step 1: not a lookahead step, nothing moves
+    assert all(torch.equal(s, p) for s, p in zip(look.slow, start, strict=True))
+    moved = [p.detach().clone() for p in model.parameters()]
+    look.after_step(model)  # step 2 of 4: rho = 0.95^2 * (1/2)^3
+    rho = 0.95 ** 2 * 0.5 ** 3
+    for slow, fast, was, before in zip(look.slow, model.parameters(), moved, start, strict=True):
+        assert torch.allclose(slow, before + (1 - rho) * (was - before))
+        assert torch.equal(fast.detach(), slow)
+    again = train.Lookahead(torch.nn.Linear(3, 1), every=2, total_steps=4)
+    again.load_state_dict(look.state_dict())
+    assert again.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(again.slow, look.slow, strict=True))
+
+
+def test_lookahead_trains_repeatably_and_resumes_exactly(splits, tmp_path):
+    import dataclasses
+
+    cfg = dataclasses.replace(RECIPE, lookahead_steps=3)
+    full = train.fit(SMALL, cfg, *splits, AUGMENT, progress=False)
+    resumed = _crash_in_epoch_3_then_resume(cfg, AUGMENT, splits, tmp_path / "last.pt")
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
+    wa, wb = weights(full.model), weights(resumed.model)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
 def test_each_knob_changes_the_training(splits):
     import dataclasses
 
     base = TrainConfig(epochs=1, batch_size=16, seed=5)
     reference = train.fit(SMALL, base, *splits, progress=False).history[0]["train_loss"]
     for change in (dict(label_smoothing=0.2), dict(grad_clip_norm=0.01),
-                   dict(schedule="cosine"), dict(optimizer="adamw", weight_decay=0.5)):
+                   dict(schedule="cosine"), dict(optimizer="adamw", weight_decay=0.5),
+                   dict(lookahead_steps=2)):
         cfg = dataclasses.replace(base, **change)
         loss = train.fit(SMALL, cfg, *splits, progress=False).history[0]["train_loss"]
         assert loss != reference, change

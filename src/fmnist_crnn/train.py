@@ -131,6 +131,35 @@ def ema_with_warmup(decay: float) -> Callable[[list, list, Any], None]:
     return update
 
 
+class Lookahead:
+    """airbench's lookahead (``train.lookahead_steps``): a slow copy of the parameters; every
+    ``every`` optimizer steps it moves toward the weights, slow += (1 - rho)(fast - slow), and
+    the weights are set to it. rho = 0.95^every * (step / total)^3 grows from 0 (the slow copy
+    follows the weights, nothing changes early) to 0.95^every at the end of training. The
+    BatchNorm statistics are not parameters and are left alone."""
+
+    def __init__(self, model: torch.nn.Module, every: int, total_steps: int) -> None:
+        self.slow = [p.detach().clone() for p in model.parameters()]
+        self.every, self.total_steps, self.step = every, total_steps, 0
+
+    @torch.no_grad()
+    def after_step(self, model: torch.nn.Module) -> None:
+        self.step += 1
+        if self.step % self.every:
+            return
+        rho = 0.95 ** self.every * (self.step / self.total_steps) ** 3
+        fast = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(self.slow, fast, 1 - rho)
+        torch._foreach_copy_(fast, self.slow)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"slow": self.slow, "step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch._foreach_copy_(self.slow, state["slow"])
+        self.step = state["step"]
+
+
 @dataclass
 class TrainState:
     """Everything training carries from one epoch to the next, and so everything a checkpoint
@@ -143,6 +172,7 @@ class TrainState:
     ema: AveragedModel | None
     scaler: torch.amp.GradScaler
     generator: torch.Generator
+    lookahead: Lookahead | None = None
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     best_state: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -172,6 +202,7 @@ class TrainState:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "lookahead": self.lookahead.state_dict() if self.lookahead is not None else None,
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
@@ -189,6 +220,8 @@ class TrainState:
             self.scheduler.load_state_dict(state["scheduler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.lookahead is not None:
+            self.lookahead.load_state_dict(state["lookahead"])
         self.scaler.load_state_dict(state["scaler"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -211,7 +244,9 @@ def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
            if cfg.ema_decay else None)
     scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp and device.type == "cuda")
     generator = torch.Generator().manual_seed(cfg.seed)
-    return TrainState(model, optimizer, scheduler, ema, scaler, generator,
+    lookahead = (Lookahead(model, cfg.lookahead_steps, cfg.epochs * steps_per_epoch)
+                 if cfg.lookahead_steps else None)
+    return TrainState(model, optimizer, scheduler, ema, scaler, generator, lookahead,
                       best_state=copy.deepcopy(model.state_dict()))
 
 
@@ -256,6 +291,8 @@ def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfi
         state.scaler.update()
         if state.scheduler is not None:
             state.scheduler.step()
+        if state.lookahead is not None:
+            state.lookahead.after_step(state.model)
         if state.ema is not None:
             state.ema.update_parameters(state.model)
         loss_sum += loss.item() * len(y)
