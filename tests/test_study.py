@@ -96,6 +96,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
                    "train.epochs": 28}
     assert study.RECIPES["best-60k-nodrop-28ep"] == best_60k_28
     assert best_60k_28["train.warmup_epochs"] == pytest.approx(0.2 * 28)
+    assert study.RECIPES["best-60k-nodrop-29ep"] == {
+        **study.scale_to_epochs(study.RECIPES["best-60k-nodrop-30ep"], 29), "train.epochs": 29}
     assert study.RECIPES["best-60k-nodrop-52ep"] == {
         **study.scale_to_epochs(study.RECIPES["best-60k-nodrop-30ep"], 52), "train.epochs": 52}
     # Its 70:30 probe differs from the ladder's 22 epochs in the dropout alone.
