@@ -427,6 +427,28 @@ def test_waiting_retries_a_failed_collect_at_the_next_poll(monkeypatch):
     assert len(attempts) == 3
 
 
+def test_a_running_study_collects_without_rereading_params_yaml(monkeypatch, tmp_path):
+    # A key added to params.yaml while the study's runs train (a new option, committed beside
+    # them) once stopped the collection with "unknown key": the process had imported the
+    # older config. The study passes the experiment it read at its start.
+    from fmnist_crnn.study import __main__ as cli
+    from fmnist_crnn.study import publish, queue, records
+
+    params = (REPO / "params.yaml").read_text().replace("train:\n", "train:\n  not_a_key_yet: 1\n")
+    (tmp_path / "params.yaml").write_text(params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(queue, "dvc", lambda *args: "[]")
+    monkeypatch.setattr(records, "collect_experiments", lambda study, shown: [{"name": "s-v-s1"}])
+    seen = {}
+    monkeypatch.setattr(publish, "study_runs", lambda experiment, study: experiment)
+    monkeypatch.setattr(records, "record_new",
+                        lambda study, out, shown, runs: seen.setdefault("runs", runs) and [])
+    assert cli.collect("s", tmp_path / "out", experiment="from-the-start") == []
+    assert seen["runs"] == "from-the-start"
+    with pytest.raises(Exception, match="not_a_key_yet"):
+        cli.collect("s", tmp_path / "out")  # without it params.yaml is read, and refused
+
+
 def test_waiting_restarts_workers_only_when_none_is_seen_twice_and_nothing_runs(monkeypatch):
     # A fresh worker can run its task before `dvc queue status` counts it: restarting then
     # would put a second timed training beside the first (it happened once).

@@ -22,9 +22,13 @@ from fmnist_crnn.errors import ProjectError
 from fmnist_crnn.study import catalog, cluster, comparison, publish, queue, records
 
 
-def collect(study: str, out_dir: Path, commit: bool = False) -> list[str]:
+def collect(study: str, out_dir: Path, commit: bool = False,
+            experiment: str | None = None) -> list[str]:
     """Record every finished experiment of ``study`` that has no record yet (and commit each
-    with the study's plan when ``commit``)."""
+    with the study's plan when ``commit``). ``experiment``: the MLflow experiment the runs log
+    to; None reads it from params.yaml. A running study passes the one it read at its start,
+    so an edit of params.yaml while its runs train (they train on their own copies) cannot
+    stop the collection."""
     from fmnist_crnn.config import load_params
 
     # --all-commits: a study queued on an earlier commit stays visible after new commits.
@@ -32,7 +36,8 @@ def collect(study: str, out_dir: Path, commit: bool = False) -> list[str]:
     done = {r["name"] for r in records.read_records(out_dir, study)}
     if all(r["name"] in done for r in records.collect_experiments(study, shown)):
         return []
-    experiment = load_params("params.yaml").tracking.experiment_name
+    if experiment is None:
+        experiment = load_params("params.yaml").tracking.experiment_name
     written = records.record_new(study, out_dir, shown, publish.study_runs(experiment, study))
     before = records.read_plan(out_dir, study).get("reference_before", {})
     for name in written:
@@ -109,8 +114,9 @@ def run_study(args: argparse.Namespace) -> Path:
                               "with --scheduler the runs train on other machines"))
     records.add_to_plan(out_dir, study, plan)
     # Create the tracking store and experiment once, before parallel workers race to.
-    tracking.configure(params.tracking.experiment_name)
-    collect(study, out_dir)
+    experiment = params.tracking.experiment_name
+    tracking.configure(experiment)
+    collect(study, out_dir, experiment=experiment)
     done = {r["name"] for r in records.read_records(out_dir, study)}
     todo = [(name, catalog.override_args(spec["overrides"]))
             for name, spec in plan.items() if name not in done]
@@ -134,9 +140,9 @@ def run_study(args: argparse.Namespace) -> Path:
     elif todo:
         queue.queue_runs(todo)
         queue.start_workers(args.jobs)
-        queue.wait(args.jobs, on_finished=lambda: collect(study, out_dir, args.commit),
-                   poll_s=args.poll)
-        collect(study, out_dir, args.commit)
+        queue.wait(args.jobs, poll_s=args.poll,
+                   on_finished=lambda: collect(study, out_dir, args.commit, experiment))
+        collect(study, out_dir, args.commit, experiment)
     if todo and args.reference:
         after = queue.time_default_run()
         print(f"the default run trained in {after:.1f} s (the reference after)", flush=True)
