@@ -35,7 +35,7 @@ import yaml
 from fmnist_crnn import data, distributed, train
 from fmnist_crnn.config import load_params, params_from_dict, to_dict
 from fmnist_crnn.distributed import select_device
-from fmnist_crnn.model import count_parameters
+from fmnist_crnn.model import CRNN, count_parameters
 from fmnist_crnn.study import catalog
 
 PARTS = {"blocks": "convolution blocks", "lstm": "recurrent layer", "head": "head"}
@@ -127,7 +127,8 @@ def one_epoch(params, train_data, val_data, clock: Clock | None = None) -> dict[
     device = select_device(params.train.device)
     memory_format = torch.channels_last if params.train.channels_last else torch.contiguous_format
     steps = data.num_batches(len(train_data[1]), params.train.batch_size)
-    state = train.new_state(params.model, params.train, steps, device, memory_format)
+    state = train.new_state(params.model, params.train, steps, device, memory_format,
+                            train_data[0])
     if clock is not None:
         clock.hook_model(state.model)
         clock.hook_optimizer(state.optimizer)
@@ -220,9 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         "setup": {"train_images_profiled": len(train_data[1]),
                   "val_images_profiled": len(val_data[1]),
                   "full_train_images": len(labels), "full_val_images": len(val_labels),
-                  "parameters": count_parameters(train.new_state(
-                      params.model, params.train, 1, torch.device("cpu"),
-                      torch.contiguous_format).model),
+                  "parameters": count_parameters(CRNN(params.model)),
                   "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                   "torch": torch.__version__, "python": platform.python_version(),
                   "machine": platform.machine()},

@@ -110,6 +110,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "augment.erasing": 0.5}
     assert study.RECIPES["best-nodrop-la5-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "train.lookahead_steps": 5}
+    assert study.RECIPES["best-nodrop-wh-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.whiten_first_conv": True}
     assert study.RECIPES["best-nodrop-w96-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "model.channels": [48, 96, 96, 128]}
 

@@ -363,3 +363,39 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
     # bfloat16 is as repeatable as float32 on one machine: same seed, same weights.
     wa, wb = weights(mixed.model), weights(again.model)
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_whitening_filters_whiten_the_patches():
+    torch.manual_seed(0)
+    blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).view(1, 1, 3, 3)
+    images = torch.nn.functional.conv2d(torch.randn(500, 1, 20, 20), blur)  # correlated pixels
+    filters = train.whitening_filters(images, 3)
+    assert filters.shape == (18, 1, 3, 3)
+    assert torch.equal(filters[1::2], -filters[0::2])  # each filter, then its negative
+    patches = torch.nn.functional.unfold(images, 3).transpose(1, 2).reshape(-1, 9)
+    white = patches @ filters[0::2].reshape(9, 9).T
+    cov = white.T @ white / len(white)
+    assert torch.allclose(cov, torch.eye(9), atol=0.01)
+    # Largest eigenvalue first: the filters' norms (1/sqrt(eigenvalue)) grow.
+    assert torch.all(filters[0::2].reshape(9, 9).norm(dim=1).diff() > 0)
+
+
+def test_whitening_starts_the_first_filters_only_and_trains(splits):
+    import dataclasses
+
+    cfg = dataclasses.replace(RECIPE, whiten_first_conv=True, epochs=2)
+    images = splits[0][0]
+    torch.manual_seed(1)
+    state = train.new_state(SMALL, cfg, 5, torch.device("cpu"), torch.contiguous_format, images)
+    torch.manual_seed(1)  # the same random initialisation, without whitening
+    plain = train.new_state(SMALL, RECIPE, 5, torch.device("cpu"), torch.contiguous_format)
+    first, random_init = state.model.blocks[0][0].weight, plain.model.blocks[0][0].weight
+    assert first.shape[0] == 8  # SMALL's first block: 8 of the 18 whitening filters
+    x = (data.to_float(images[:5000]) - 0.2860) / 0.3530
+    assert torch.allclose(first, train.whitening_filters(x, 3)[:8])
+    assert torch.equal(state.ema.module.blocks[0][0].weight, first)  # the average starts there
+    rest = [k for k in plain.model.state_dict() if not k.startswith("blocks.0.0.weight")]
+    assert all(torch.equal(state.model.state_dict()[k], plain.model.state_dict()[k]) for k in rest)
+    assert not torch.equal(first, random_init)
+    fit = train.fit(SMALL, cfg, *splits, AUGMENT, progress=False)
+    assert fit.history[0]["train_loss"] < 5

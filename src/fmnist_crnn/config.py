@@ -147,6 +147,11 @@ class TrainConfig:
     # moves toward them, slow += (1 - rho)(fast - slow), fast = slow, with rho = 0.95^N times
     # (the share of training done)^3: nothing early, strongest at the end. 0: off.
     lookahead_steps: int = 0
+    # airbench's whitened first convolution, as an initialisation: the first conv block's first
+    # 2 x k x k filters (k its kernel size) start as the eigenvectors of the covariance of k x k
+    # patches of 5,000 training images, scaled by 1/sqrt(eigenvalue), with their negatives;
+    # they train like the rest. false: the usual random initialisation.
+    whiten_first_conv: bool = False
     amp: bool = False  # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU
     # The per-epoch validation under amp's autocast too (else float32): faster on the CPU
     # (2.8 s vs 4.9-6.7 s for 18,000 images), a few predictions differ (docs/accuracy.md).

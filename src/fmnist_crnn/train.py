@@ -131,6 +131,36 @@ def ema_with_warmup(decay: float) -> Callable[[list, list, Any], None]:
     return update
 
 
+WHITENING_IMAGES = 5000  # airbench's sample for the patch covariance
+WHITENING_EPS = 5e-4
+
+
+def whitening_filters(images: torch.Tensor, kernel: int) -> torch.Tensor:
+    """airbench's patch whitening for images (N, C, H, W) as the model sees them: the
+    eigenvectors of the covariance of their kernel x kernel patches, largest eigenvalue first,
+    each divided by sqrt(eigenvalue + eps), each followed by its negative:
+    (2 * C * kernel * kernel, C, kernel, kernel)."""
+    c = images.shape[1]
+    patches = F.unfold(images, kernel).transpose(1, 2).reshape(-1, c * kernel * kernel)
+    cov = (patches.T.double() @ patches.double()) / len(patches)
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)  # ascending
+    filters = eigenvectors.flip(1).T / torch.sqrt(eigenvalues.flip(0) + WHITENING_EPS)[:, None]
+    pairs = torch.stack([filters, -filters], dim=1).reshape(-1, c, kernel, kernel)
+    return pairs.float()
+
+
+@torch.no_grad()
+def whiten_first_conv(model: CRNN, images: torch.Tensor) -> None:
+    """Set the first conv block's first filters to ``whitening_filters`` of ``images`` (uint8
+    (N, H, W), the first WHITENING_IMAGES used), normalised as the model's forward does; as
+    many as it has channels, the rest keep their random initialisation."""
+    conv = model.blocks[0][0]
+    x = data.to_float(images[:WHITENING_IMAGES])
+    x = (x - model.mean.cpu()) / model.std.cpu()
+    filters = whitening_filters(x, conv.kernel_size[0])[: conv.out_channels]
+    conv.weight[: len(filters)] = filters.to(conv.weight.device, conv.weight.dtype)
+
+
 class Lookahead:
     """airbench's lookahead (``train.lookahead_steps``): a slow copy of the parameters; every
     ``every`` optimizer steps it moves toward the weights, slow += (1 - rho)(fast - slow), and
@@ -234,9 +264,15 @@ class TrainState:
 
 
 def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
-              device: torch.device, memory_format: torch.memory_format) -> TrainState:
-    """A fresh model and optimizer (in this order: they draw from the seeded RNG)."""
+              device: torch.device, memory_format: torch.memory_format,
+              train_images: torch.Tensor | None = None) -> TrainState:
+    """A fresh model and optimizer (in this order: they draw from the seeded RNG).
+    ``train_images`` (uint8) whiten the first convolution with ``train.whiten_first_conv``."""
     model = CRNN(model_cfg).to(device, memory_format=memory_format)
+    if cfg.whiten_first_conv:
+        if train_images is None:
+            raise ValueError("train.whiten_first_conv needs the training images")
+        whiten_first_conv(model, train_images)
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg, steps_per_epoch)
     # The average's batch-norm statistics are averaged too (use_buffers).
@@ -348,7 +384,7 @@ def fit(
     shard = (lambda order: distributed.shard(order, ctx)) if ctx.enabled else None
     shard_size = len(shard(torch.arange(len(train_data[1])))) if shard else len(train_data[1])
     steps = data.num_batches(shard_size, cfg.batch_size)
-    state = new_state(model_cfg, cfg, steps, device, memory_format)
+    state = new_state(model_cfg, cfg, steps, device, memory_format, train_data[0])
     trained = distributed.wrap(state.model, ctx, device)  # what the training steps call
     if resume is not None:
         state.load_state_dict(resume)
