@@ -59,9 +59,13 @@ class CRNN(nn.Module):
         head.append(nn.Linear(width, cfg.num_classes))
         self.head = nn.Sequential(*head)
 
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] as the first conv block sees them."""
+        return (x - self.mean) / self.std
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Normalise, then the conv blocks; returns each block's output (B, C_i, H_i, W_i)."""
-        x = (x - self.mean) / self.std
+        x = self.normalise(x)
         outputs = []
         for block in self.blocks:
             x = block(x)

@@ -155,8 +155,7 @@ def whiten_first_conv(model: CRNN, images: torch.Tensor) -> None:
     (N, H, W), the first WHITENING_IMAGES used), normalised as the model's forward does; as
     many as it has channels, the rest keep their random initialisation."""
     conv = model.blocks[0][0]
-    x = data.to_float(images[:WHITENING_IMAGES])
-    x = (x - model.mean.cpu()) / model.std.cpu()
+    x = model.normalise(data.to_float(images[:WHITENING_IMAGES]).to(conv.weight.device))
     filters = whitening_filters(x, conv.kernel_size[0])[: conv.out_channels]
     conv.weight[: len(filters)] = filters.to(conv.weight.device, conv.weight.dtype)
 
