@@ -114,6 +114,10 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "train.whiten_first_conv": True}
     assert study.RECIPES["best-nodrop-w96-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "model.channels": [48, 96, 96, 128]}
+    assert study.RECIPES["best-nodrop-b256-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.batch_size": 256}
+    assert study.RECIPES["best-nodrop-b256-lr42-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.batch_size": 256, "train.lr": 0.0042}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
