@@ -268,7 +268,7 @@ def assert_study_landed(team, study, variants=ONE):
     recorded = {p.stem for p in folder.glob("*.json") if p.name != "plan.json"}
     assert recorded == names
     log = run(["git", "log", "--format=%s"], repo, team["env"])
-    assert sorted(line.split()[-1] for line in log.splitlines()
+    assert sorted(f"{study}-{line.split()[-1]}" for line in log.splitlines()
                   if line.startswith(f"study {study}: record")) == sorted(names)
     refs = run(["git", "ls-remote", str(team["remote"]), "refs/exps/*"], repo, team["env"])
     assert {line.rsplit("/", 1)[-1] for line in refs.splitlines()} >= names

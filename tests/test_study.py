@@ -254,6 +254,27 @@ def test_table_has_mean_std_delta_and_noise_verdict():
     assert {line.count("|") for line in lines} == {lines[0].count("|")}
 
 
+def test_a_record_commit_names_the_run_within_its_study(tmp_path, monkeypatch):
+    """A long study name does not make a long subject: the subject names the run without the
+    study's prefix, the body the full run name."""
+    from fmnist_crnn.study.__main__ import commit_record
+
+    for key in ("AUTHOR", "COMMITTER"):
+        monkeypatch.setenv(f"GIT_{key}_NAME", "t")
+        monkeypatch.setenv(f"GIT_{key}_EMAIL", "t@example.invalid")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    monkeypatch.chdir(tmp_path)
+    study_name = "best-60k-nodrop-30ep-retimed"
+    run = f"{study_name}-best-60k-nodrop-30ep-s44"
+    Path("r.json").write_text("{}")
+    commit_record(study_name, run, [Path("r.json")])
+    message = subprocess.run(["git", "log", "-1", "--format=%s%n%b"], capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    assert message[0] == f"study {study_name}: record best-60k-nodrop-30ep-s44"
+    assert len(message[0]) <= 72
+    assert f"Run: {run}" in message
+
+
 def test_each_record_carries_its_reference_and_the_table_its_ratio(tmp_path):
     from fmnist_crnn.study import records as rec
 

@@ -51,13 +51,16 @@ def collect(study: str, out_dir: Path, commit: bool = False,
 
 
 def commit_record(study: str, name: str, paths: list[Path]) -> None:
-    """Commit a record (and the study's plan) as it lands: a stop loses no finished run."""
+    """Commit a record (and the study's plan) as it lands: a stop loses no finished run.
+    The subject names the run within its study (``study S: record V-s42`` for the run
+    ``S-V-s42``), so it stays short when the study's name is long; the body has the full name."""
     import subprocess
 
     names = [str(p) for p in paths]
+    subject = f"study {study}: record {name.removeprefix(f'{study}-')}"
     add = subprocess.run(["git", "add", "--", *names], capture_output=True, text=True)
     done = add.returncode == 0 and subprocess.run(
-        ["git", "commit", "-q", "-m", f"study {study}: record {name}", "--", *names],
+        ["git", "commit", "-q", "-m", subject, "-m", f"Run: {name}", "--", *names],
         capture_output=True, text=True).returncode == 0
     if not done:
         print(f"warning: could not commit the record of {name}; it is written, commit it "
