@@ -30,10 +30,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import yaml
 
 from fmnist_crnn import data, distributed, train
-from fmnist_crnn.config import load_params, params_from_dict, to_dict
+from fmnist_crnn.config import ConfigError, load_params, parse_overrides, with_overrides
 from fmnist_crnn.distributed import select_device
 from fmnist_crnn.model import CRNN, count_parameters
 from fmnist_crnn.study import catalog
@@ -114,14 +113,6 @@ def timed_augmentation(clock: Clock) -> Iterator[None]:
         data.augment_batch = original
 
 
-def apply_overrides(raw: dict, overrides: dict) -> None:
-    for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        if section not in raw or name not in raw[section]:
-            raise SystemExit(f"unknown parameter '{key}'")
-        raw[section][name] = value
-
-
 def one_epoch(params, train_data, val_data, clock: Clock | None = None) -> dict[str, float]:
     """One timed epoch of the train stage's loop, then validation; seconds per part."""
     device = select_device(params.train.device)
@@ -194,13 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", help="JSON file (default reports/bench/profile-<name>.json)")
     args = parser.parse_args(argv)
 
-    raw = to_dict(load_params(args.params))
     overrides = dict(catalog.RECIPES[args.recipe]) if args.recipe else {}
     overrides.pop("train.epochs", None)  # one profiled epoch; the schedule's length is moot
-    overrides.update({k: yaml.safe_load(v) for k, v in
-                      (item.partition("=")[::2] for item in args.overrides)})
-    apply_overrides(raw, overrides)
-    params = params_from_dict(raw)
+    try:
+        overrides.update(parse_overrides(args.overrides))
+        params = with_overrides(load_params(args.params), overrides)
+    except ConfigError as exc:
+        parser.error(str(exc))
     images, labels = data.load_split(Path(args.split), "train")
     val_images, val_labels = data.load_split(Path(args.split), "val")
     train_data = (images[: args.images], labels[: args.images])

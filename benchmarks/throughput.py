@@ -28,13 +28,12 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from torch.nn import functional as F  # noqa: N812
 from torch.utils.data import DataLoader, Subset
 from torchvision import datasets, transforms
 
 from fmnist_crnn import data, train
-from fmnist_crnn.config import load_params, params_from_dict, to_dict
+from fmnist_crnn.config import ConfigError, load_params, parse_overrides, to_dict, with_overrides
 from fmnist_crnn.distributed import select_device
 from fmnist_crnn.model import CRNN, count_parameters
 
@@ -117,15 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="reports/bench/throughput.json")
     args = parser.parse_args(argv)
 
-    raw = to_dict(load_params(args.params))
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if section not in raw or name not in raw[section]:
-            parser.error(f"-S {item}: unknown parameter '{key}'")
-        raw[section][name] = yaml.safe_load(value)
-    raw["train"]["epochs"] = 1
-    params = params_from_dict(raw)
+    try:
+        params = with_overrides(load_params(args.params),
+                                {**parse_overrides(args.overrides), "train.epochs": 1})
+    except ConfigError as exc:
+        parser.error(str(exc))
     device = select_device(params.train.device)
     images, labels = data.load_split(Path(args.split), "train")
     train_data = (images[: args.images], labels[: args.images])

@@ -6,7 +6,9 @@ from fmnist_crnn.config import (
     ModelConfig,
     load_params,
     params_from_dict,
+    parse_overrides,
     to_flat_dict,
+    with_overrides,
 )
 
 from .conftest import REPO
@@ -96,6 +98,35 @@ def test_unknown_and_missing_sections_are_errors():
     del raw["model"]
     with pytest.raises(ConfigError, match="missing section"):
         params_from_dict(raw)
+
+
+def test_overrides_set_dotted_keys_as_dvc_exp_run_does():
+    base = load_params(REPO / "params.yaml")
+    overrides = parse_overrides(["train.lr=0.005", "model.channels=[16, 32, 64]"])
+    assert overrides == {"train.lr": 0.005, "model.channels": [16, 32, 64]}
+    p = with_overrides(base, overrides)
+    assert (p.train.lr, p.model.channels) == (0.005, (16, 32, 64))
+    assert p.train.epochs == base.train.epochs  # the rest as params.yaml has it
+
+
+@pytest.mark.parametrize(("items", "fragment"), [
+    (["train.lr"], "expected KEY=VALUE"),
+    (["=1"], "expected KEY=VALUE"),
+])
+def test_malformed_overrides_are_refused(items, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        parse_overrides(items)
+
+
+@pytest.mark.parametrize(("overrides", "fragment"), [
+    ({"lr": 0.1}, "override 'lr': expected section.key"),
+    ({"optim.lr": 0.1}, "override 'optim.lr'"),
+    ({"train.learning_rate": 0.1}, "unknown key 'train.learning_rate'"),
+    ({"train.lr": -1}, "invalid value for 'train.lr'"),
+])
+def test_bad_overrides_name_the_key(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        with_overrides(load_params(REPO / "params.yaml"), overrides)
 
 
 def test_load_params_names_the_file(tmp_path):

@@ -13,6 +13,7 @@ import posixpath
 import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -369,6 +370,30 @@ def to_dict(params: Params | DeclaredParams) -> dict[str, dict[str, Any]]:
             continue
         out[name] = section_dict(section)
     return out
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings, as ``dvc exp run -S`` takes them, as dotted keys and YAML values."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}': expected KEY=VALUE, e.g. train.lr=0.005")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
+
+
+def with_overrides(params: Params, overrides: Mapping[str, Any]) -> Params:
+    """``params`` with the dotted keys of ``overrides`` set (``train.lr``), each value checked
+    as in params.yaml."""
+    raw = to_dict(params)
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        if section not in raw or not name:
+            raise ConfigError(f"override '{key}': expected section.key with a section of "
+                              f"{sorted(SECTIONS)}")
+        raw[section][name] = value
+    return params_from_dict(raw)
 
 
 def section_dict(section: Any) -> dict[str, Any]:

@@ -16,8 +16,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from fmnist_crnn.errors import ProjectError
 from fmnist_crnn.study import catalog, cluster, comparison, publish, queue, records
 
@@ -82,7 +80,7 @@ def run_recipe(recipe: str, name: str, seed: int | None) -> None:
 
 def run_study(args: argparse.Namespace) -> Path:
     from fmnist_crnn import tracking
-    from fmnist_crnn.config import load_params
+    from fmnist_crnn.config import load_params, parse_overrides
 
     params = load_params("params.yaml")
     out_dir = Path(args.out)
@@ -94,9 +92,7 @@ def run_study(args: argparse.Namespace) -> Path:
         extra["train.epochs"] = args.epochs
     if args.limit:
         extra["split.limit"] = args.limit
-    for item in args.set:
-        key, _, value = item.partition("=")
-        extra[key] = yaml.safe_load(value)
+    extra.update(parse_overrides(args.set))
     resets = catalog.committed_resets(Path.cwd())
     if resets:
         print(f"params.yaml differs from the commit in {', '.join(sorted(resets))}: every run "
