@@ -345,7 +345,7 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
         seen.clear()
         mixed = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
         # The training steps run in bfloat16, the per-epoch validation (eval mode) in float32:
-        # the recorded runs picked their epoch that way (docs/accuracy.md, sitting D).
+        # the recorded runs picked their epoch that way (`bf16-60ep` in docs/accuracy.md).
         assert set(seen) == {(True, torch.bfloat16), (False, torch.float32)}
         again = train.fit(SMALL, dataclasses.replace(base, amp=True), *splits, progress=False)
         seen.clear()
