@@ -24,15 +24,14 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
-def job(split: Path, images: int, threads: int, result_file: Path, overrides: dict,
+def job(split: Path, images: int, threads: int, result_file: Path, params: Any,
         global_batch: bool) -> None:
     from fmnist_crnn import data, distributed, train
-    from fmnist_crnn.config import load_params, with_overrides
 
     ctx = distributed.from_env()
-    params = with_overrides(load_params("params.yaml"), overrides)
     batch = params.train.batch_size // ctx.world_size if global_batch else params.train.batch_size
     share = params.train.warmup_epochs / params.train.epochs  # one epoch, the same schedule
     cfg = dataclasses.replace(params.train, epochs=1, warmup_epochs=share, num_threads=threads,
@@ -60,13 +59,17 @@ def layout(split: Path, images: int, processes: int, extra: list[str]) -> float:
 
 
 def main() -> None:
+    from fmnist_crnn.config import ConfigError, load_params, parse_overrides, with_overrides
+    from fmnist_crnn.study import catalog
+
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--split", type=Path, default=Path("data/split"))
     p.add_argument("--images", type=int, default=12800)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", type=Path, default=Path("reports/bench/ddp.json"))
-    p.add_argument("--recipe", help="train a recipe of the accuracy study instead")
+    p.add_argument("--recipe", choices=list(catalog.RECIPES),
+                   help="train a recipe of the accuracy study instead")
     p.add_argument("-S", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a parameter, as dvc exp run -S")
     p.add_argument("--global-batch", action="store_true",
@@ -76,21 +79,18 @@ def main() -> None:
     p.add_argument("--processes", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
-    from fmnist_crnn.config import ConfigError, load_params, parse_overrides, with_overrides
-    from fmnist_crnn.study import catalog
-
-    try:
-        overrides = dict(catalog.RECIPES[args.recipe]) if args.recipe else {}
-        overrides.update(parse_overrides(args.overrides))
-        with_overrides(load_params("params.yaml"), overrides)  # a bad key fails here, not in a job
-    except (KeyError, ConfigError) as exc:
-        p.error(f"{exc}" if isinstance(exc, ConfigError) else f"unknown recipe {exc}")
+    try:  # a bad key fails here, before any job starts
+        params = with_overrides(load_params("params.yaml"),
+                                {**(catalog.RECIPES[args.recipe] if args.recipe else {}),
+                                 **parse_overrides(args.overrides)})
+    except ConfigError as exc:
+        p.error(str(exc))
     if args.job:
         from fmnist_crnn import distributed
 
         status = distributed.torchrun(args.processes, sys.argv)
         if status is None:
-            job(args.split, args.images, args.threads, args.result, overrides, args.global_batch)
+            job(args.split, args.images, args.threads, args.result, params, args.global_batch)
         else:
             sys.exit(status)
         return
