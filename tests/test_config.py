@@ -36,6 +36,7 @@ def test_repository_params_are_the_study_baseline():
     ("model", "projection_dim", -1, "'model.projection_dim'"),
     ("train", "lookahead_steps", -2, "'train.lookahead_steps'"),
     ("train", "whiten_first_conv", "yes", "'train.whiten_first_conv'"),
+    ("train", "identity_init", 1, "'train.identity_init'"),
     ("model", "dropout", [0.1, 1.0, 0.1], "'model.dropout'"),
     ("model", "kernel_sizes", [3, 3], "'model.kernel_sizes'"),
     ("train", "batch_size", 0, "'train.batch_size'"),

@@ -125,6 +125,10 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "train.warmup_epochs": 2.2}
     assert study.RECIPES["best-nodrop-e0-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "augment.erasing": 0.0}
+    assert study.RECIPES["best-nodrop-id-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.identity_init": True}
+    assert study.RECIPES["best-nodrop-ls2-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.label_smoothing": 0.2}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():

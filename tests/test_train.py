@@ -365,6 +365,30 @@ def test_amp_on_the_cpu_trains_in_bfloat16_and_keeps_float32_weights(splits):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_identity_init_passes_each_conv_blocks_input_through_its_first_filters(splits):
+    import dataclasses
+
+    cfg = dataclasses.replace(RECIPE, identity_init=True, epochs=2)
+    torch.manual_seed(1)
+    state = train.new_state(SMALL, cfg, 5, torch.device("cpu"), torch.channels_last)
+    torch.manual_seed(1)  # the same random initialisation, without it
+    plain = train.new_state(SMALL, RECIPE, 5, torch.device("cpu"), torch.channels_last)
+    for i, (conv, before) in enumerate(zip(state.model.blocks, plain.model.blocks,
+                                           strict=True)):
+        conv, before = conv[0], before[0]
+        n, k = conv.in_channels, conv.kernel_size[0]  # SMALL: 1 -> 8 -> 16 -> 32 channels
+        assert torch.equal(conv.weight[:n], torch.nn.init.dirac_(torch.empty(n, n, k, k)))
+        if k == 3:  # a 1 at the centre: the filters copy their input channel
+            inputs = torch.rand(2, n, 6, 6)
+            passed = torch.nn.functional.conv2d(inputs, conv.weight[:n], padding=1)
+            assert torch.equal(passed, inputs), f"block {i}"
+        assert torch.equal(conv.weight[n:], before.weight[n:])  # the rest: random as before
+        assert torch.equal(conv.bias, before.bias)
+    assert torch.equal(state.ema.module.blocks[1][0].weight, state.model.blocks[1][0].weight)
+    fit = train.fit(SMALL, cfg, *splits, AUGMENT, progress=False)
+    assert fit.history[0]["train_loss"] < 5
+
+
 def test_whitening_filters_whiten_the_patches():
     torch.manual_seed(0)
     blur = torch.tensor([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]]).view(1, 1, 3, 3)

@@ -153,6 +153,10 @@ class TrainConfig:
     # patches of 5,000 training images, scaled by 1/sqrt(eigenvalue), with their negatives;
     # they train like the rest. false: the usual random initialisation.
     whiten_first_conv: bool = False
+    # airbench's identity initialisation, an implicit residual: each conv block's first
+    # min(in, out) filters start as the identity (a 1 at the kernel's centre for their own input
+    # channel: torch.nn.init.dirac_), the rest keep their random initialisation.
+    identity_init: bool = False
     amp: bool = False  # mixed precision: float16 + GradScaler on CUDA, bfloat16 on CPU
     # The per-epoch validation under amp's autocast too (else float32): faster on the CPU
     # (2.8 s vs 4.9-6.7 s for 18,000 images), a few predictions differ (docs/accuracy.md).

@@ -160,6 +160,15 @@ def whiten_first_conv(model: CRNN, images: torch.Tensor) -> None:
     conv.weight[: len(filters)] = filters.to(conv.weight.device, conv.weight.dtype)
 
 
+@torch.no_grad()
+def identity_init(model: CRNN) -> None:
+    """airbench's identity initialisation: in every conv block, the first min(in, out)
+    filters pass their own input channel through unchanged (``torch.nn.init.dirac_``)."""
+    for block in model.blocks:
+        weight = block[0].weight
+        torch.nn.init.dirac_(weight[: weight.shape[1]])
+
+
 class Lookahead:
     """airbench's lookahead (``train.lookahead_steps``): a slow copy of the parameters; every
     ``every`` optimizer steps it moves toward the weights, slow += (1 - rho)(fast - slow), and
@@ -268,6 +277,8 @@ def new_state(model_cfg: ModelConfig, cfg: TrainConfig, steps_per_epoch: int,
     """A fresh model and optimizer (in this order: they draw from the seeded RNG).
     ``train_images`` (uint8) whiten the first convolution with ``train.whiten_first_conv``."""
     model = CRNN(model_cfg).to(device, memory_format=memory_format)
+    if cfg.identity_init:
+        identity_init(model)
     if cfg.whiten_first_conv:
         if train_images is None:
             raise ValueError("train.whiten_first_conv needs the training images")
