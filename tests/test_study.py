@@ -128,6 +128,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     assert study.RECIPES["fast-60k-6ep-nb8-id"] == {
         **study.scale_to_epochs(study.RECIPES["fast-60k-7ep-nb8"], 6), "train.epochs": 6,
         "train.identity_init": True}
+    assert study.RECIPES["fast-60k-7ep-nb8-id"] == {
+        **study.RECIPES["fast-60k-7ep-nb8"], "train.identity_init": True}
     assert study.RECIPES["normbias8-id-bf16-7ep"] == {
         **study.RECIPES["normbias8-bf16-7ep"], "train.identity_init": True}
     assert study.RECIPES["normbias8-id-bf16-6ep"] == {
