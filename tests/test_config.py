@@ -53,6 +53,8 @@ def test_repository_params_are_the_study_baseline():
     ("train", "ema_decay", 1.0, "'train.ema_decay'"),
     ("augment", "erasing", 1.5, "'augment.erasing'"),
     ("augment", "crop_padding", -1, "'augment.crop_padding'"),
+    ("augment", "plain_last_epochs", -1, "'augment.plain_last_epochs'"),
+    ("augment", "plain_last_epochs", 20, "'augment.plain_last_epochs'.*train.epochs=20"),
     ("augment", "vflip", True, "unknown key 'augment.vflip'"),
     ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
     ("evaluate", "tta_shift", -1, "'evaluate.tta_shift'"),

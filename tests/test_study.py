@@ -138,6 +138,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "train.identity_init": True}
     assert study.RECIPES["best-nodrop-ls2-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "train.label_smoothing": 0.2}
+    for n in (3, 6):
+        assert study.RECIPES[f"best-nodrop-pl{n}-22ep"] == {
+            **study.RECIPES["best-nodrop-22ep"], "augment.plain_last_epochs": n}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():

@@ -203,6 +203,30 @@ def test_alternating_flips_train_repeatably_resume_exactly_and_change_the_traini
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_plain_last_epochs_train_without_crop_and_erasing_and_resume_exactly(
+        splits, tmp_path, monkeypatch):
+    import dataclasses
+
+    plain_end = dataclasses.replace(AUGMENT, plain_last_epochs=1)
+    applied = []  # the augmentation each training batch got
+    augment_batch = data.augment_batch
+    monkeypatch.setattr(data, "augment_batch", lambda x, cfg, generator: (
+        applied.append(cfg), augment_batch(x, cfg, generator))[1])
+    full = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
+    steps = len(applied) // RECIPE.epochs
+    applied.clear()
+    ending = train.fit(SMALL, RECIPE, *splits, plain_end, progress=False)
+    assert applied[:2 * steps] == [plain_end] * (2 * steps)
+    assert applied[2 * steps:] == [AugmentConfig(hflip=True, plain_last_epochs=1)] * steps
+    # The same first two epochs, another last one.
+    assert [r["val_loss"] for r in ending.history[:2]] == [
+        r["val_loss"] for r in full.history[:2]]
+    assert ending.history[2]["train_loss"] != full.history[2]["train_loss"]
+
+    resumed = _crash_in_epoch_3_then_resume(RECIPE, plain_end, splits, tmp_path / "last.pt")
+    assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in ending.history]
+
+
 def test_lookahead_pulls_the_weights_to_a_slow_copy_on_its_schedule():
     model = torch.nn.Linear(3, 1)
     start = [p.detach().clone() for p in model.parameters()]

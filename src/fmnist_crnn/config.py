@@ -209,6 +209,9 @@ class AugmentConfig:
     # alternating flip) instead of at random.
     alternate_flips: bool = False
     erasing: float = 0.0  # probability of erasing a random rectangle (RandomErasing's ranges)
+    # The last this many epochs without crop and erasing (mirroring kept): the end of the
+    # schedule fits the images as the test shows them, as YOLOX stops its mosaic.
+    plain_last_epochs: int = 0
 
     def __post_init__(self) -> None:
         _check(self.hflip or not self.alternate_flips, "augment.alternate_flips",
@@ -219,6 +222,15 @@ class AugmentConfig:
                f"{IMAGE_SIDE}-pixel image can be all padding)")
         _check(0 <= self.erasing <= 1, "augment.erasing", self.erasing,
                "a probability in [0, 1]")
+        _check(self.plain_last_epochs >= 0, "augment.plain_last_epochs",
+               self.plain_last_epochs, "an integer >= 0")
+
+    def for_epoch(self, epoch: int, epochs: int) -> AugmentConfig:
+        """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop and erasing in
+        the last ``plain_last_epochs``."""
+        if epoch <= epochs - self.plain_last_epochs:
+            return self
+        return dataclasses.replace(self, crop_padding=0, erasing=0.0)
 
 
 @dataclass(frozen=True)
@@ -299,6 +311,9 @@ class Params:
                list(self.report.inspect_indices),
                f"indices below {n_train:,}, the training images of this split (split.limit, "
                "split.val_fraction)")
+        _check(self.augment.plain_last_epochs < self.train.epochs, "augment.plain_last_epochs",
+               self.augment.plain_last_epochs,
+               f"fewer than train.epochs={self.train.epochs} (some epochs must augment)")
 
 
 SECTIONS: dict[str, type] = {

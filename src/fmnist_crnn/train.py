@@ -413,8 +413,9 @@ def fit(
                                 select=shard),
                    total=steps, desc=f"Epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
                    disable=not show, dynamic_ncols=True, mininterval=1.0)
-        train_loss, train_acc = train_one_epoch(state, trained, cfg, augment, bar, device,
-                                                memory_format, ctx)
+        train_loss, train_acc = train_one_epoch(
+            state, trained, cfg, augment and augment.for_epoch(epoch, cfg.epochs), bar, device,
+            memory_format, ctx)
         record = {"epoch": epoch, "train_loss": train_loss, "train_acc": train_acc}
         if len(val_data[1]):
             record["val_loss"], record["val_acc"] = validate(state.evaluated, val_data,
