@@ -136,6 +136,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
                         ("normbias8-id-ema995-bf16-7ep", 0.995)):
         assert study.RECIPES[name] == {
             **study.RECIPES["normbias8-id-bf16-7ep"], "train.ema_decay": decay}
+    assert study.RECIPES["normbias8-id-ema-bf16-6ep"] == {
+        **study.scale_to_epochs(study.RECIPES["normbias8-id-ema-bf16-7ep"], 6), "train.epochs": 6}
     assert study.RECIPES["normbias8-id-bf16-6ep"] == {
         **study.scale_to_epochs(study.RECIPES["normbias8-id-bf16-7ep"], 6), "train.epochs": 6}
     assert study.RECIPES["best-nodrop-id-22ep"] == {
