@@ -2,6 +2,7 @@ import pytest
 import yaml
 
 from fmnist_crnn.config import (
+    AugmentConfig,
     ConfigError,
     ModelConfig,
     load_params,
@@ -55,6 +56,8 @@ def test_repository_params_are_the_study_baseline():
     ("augment", "crop_padding", -1, "'augment.crop_padding'"),
     ("augment", "plain_last_epochs", -1, "'augment.plain_last_epochs'"),
     ("augment", "plain_last_epochs", 20, "'augment.plain_last_epochs'.*train.epochs=20"),
+    ("augment", "unerased_last_epochs", -1, "'augment.unerased_last_epochs'"),
+    ("augment", "unerased_last_epochs", 20, "'augment.unerased_last_epochs'.*train.epochs=20"),
     ("augment", "vflip", True, "unknown key 'augment.vflip'"),
     ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
     ("evaluate", "tta_shift", -1, "'evaluate.tta_shift'"),
@@ -72,6 +75,15 @@ def test_bad_values_name_the_key(section, key, value, fragment):
     raw[section][key] = value
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.").replace(r"\.*", ".*")):
         params_from_dict(raw)
+
+
+def test_the_last_epochs_drop_crop_and_erasing_or_erasing_alone():
+    aug = AugmentConfig(crop_padding=2, hflip=True, erasing=0.25, plain_last_epochs=1,
+                        unerased_last_epochs=3)
+    got = [(a.crop_padding, a.hflip, a.erasing) for a in
+           (aug.for_epoch(epoch, 10) for epoch in range(1, 11))]
+    assert got == [(2, True, 0.25)] * 7 + [(2, True, 0.0)] * 2 + [(0, True, 0.0)]
+    assert AugmentConfig(erasing=0.25).for_epoch(10, 10) == AugmentConfig(erasing=0.25)
 
 
 def test_onecycle_needs_its_rising_phase():

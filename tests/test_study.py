@@ -147,6 +147,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     for n in (3, 6):
         assert study.RECIPES[f"best-nodrop-pl{n}-22ep"] == {
             **study.RECIPES["best-nodrop-22ep"], "augment.plain_last_epochs": n}
+    assert study.RECIPES["best-nodrop-ue6-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "augment.unerased_last_epochs": 6}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():

@@ -212,6 +212,8 @@ class AugmentConfig:
     # The last this many epochs without crop and erasing (mirroring kept): the end of the
     # schedule fits the images as the test shows them, as YOLOX stops its mosaic.
     plain_last_epochs: int = 0
+    # The last this many epochs without erasing alone (crop and mirroring kept).
+    unerased_last_epochs: int = 0
 
     def __post_init__(self) -> None:
         _check(self.hflip or not self.alternate_flips, "augment.alternate_flips",
@@ -222,15 +224,19 @@ class AugmentConfig:
                f"{IMAGE_SIDE}-pixel image can be all padding)")
         _check(0 <= self.erasing <= 1, "augment.erasing", self.erasing,
                "a probability in [0, 1]")
-        _check(self.plain_last_epochs >= 0, "augment.plain_last_epochs",
-               self.plain_last_epochs, "an integer >= 0")
+        for key in ("plain_last_epochs", "unerased_last_epochs"):
+            _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key),
+                   "an integer >= 0")
 
     def for_epoch(self, epoch: int, epochs: int) -> AugmentConfig:
         """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop and erasing in
-        the last ``plain_last_epochs``."""
-        if epoch <= epochs - self.plain_last_epochs:
-            return self
-        return dataclasses.replace(self, crop_padding=0, erasing=0.0)
+        the last ``plain_last_epochs``, without erasing in the last ``unerased_last_epochs``."""
+        changes: dict[str, Any] = {}
+        if epoch > epochs - max(self.plain_last_epochs, self.unerased_last_epochs):
+            changes["erasing"] = 0.0
+        if epoch > epochs - self.plain_last_epochs:
+            changes["crop_padding"] = 0
+        return dataclasses.replace(self, **changes) if changes else self
 
 
 @dataclass(frozen=True)
@@ -311,9 +317,10 @@ class Params:
                list(self.report.inspect_indices),
                f"indices below {n_train:,}, the training images of this split (split.limit, "
                "split.val_fraction)")
-        _check(self.augment.plain_last_epochs < self.train.epochs, "augment.plain_last_epochs",
-               self.augment.plain_last_epochs,
-               f"fewer than train.epochs={self.train.epochs} (some epochs must augment)")
+        for key in ("plain_last_epochs", "unerased_last_epochs"):
+            _check(getattr(self.augment, key) < self.train.epochs, f"augment.{key}",
+                   getattr(self.augment, key),
+                   f"fewer than train.epochs={self.train.epochs} (some epochs must augment)")
 
 
 SECTIONS: dict[str, type] = {
