@@ -198,6 +198,10 @@ class TrainConfig:
                self.amp_validation, "false while train.amp is false (it validates under amp)")
 
 
+# AugmentConfig's counts of final epochs with less augmentation: each >= 0, < train.epochs.
+LAST_EPOCHS_KEYS = ("plain_last_epochs", "unerased_last_epochs")
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     """Training-time augmentation, applied to whole batches of tensors with the run's seed."""
@@ -224,7 +228,7 @@ class AugmentConfig:
                f"{IMAGE_SIDE}-pixel image can be all padding)")
         _check(0 <= self.erasing <= 1, "augment.erasing", self.erasing,
                "a probability in [0, 1]")
-        for key in ("plain_last_epochs", "unerased_last_epochs"):
+        for key in LAST_EPOCHS_KEYS:
             _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key),
                    "an integer >= 0")
 
@@ -317,7 +321,7 @@ class Params:
                list(self.report.inspect_indices),
                f"indices below {n_train:,}, the training images of this split (split.limit, "
                "split.val_fraction)")
-        for key in ("plain_last_epochs", "unerased_last_epochs"):
+        for key in LAST_EPOCHS_KEYS:
             _check(getattr(self.augment, key) < self.train.epochs, f"augment.{key}",
                    getattr(self.augment, key),
                    f"fewer than train.epochs={self.train.epochs} (some epochs must augment)")
