@@ -149,6 +149,12 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
             **study.RECIPES["best-nodrop-22ep"], "augment.plain_last_epochs": n}
     assert study.RECIPES["best-nodrop-ue6-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "augment.unerased_last_epochs": 6}
+    deeper = study.RECIPES["best-nodrop-d6-22ep"]
+    assert deeper == {**study.RECIPES["best-nodrop-22ep"], **{
+        key: deeper[key] for key in ("model.channels", "model.kernel_sizes", "model.strides",
+                                     "model.pool", "model.dropout")}}
+    assert deeper["model.channels"] == [32, 64, 64, 64, 128, 128]
+    assert deeper["model.pool"] == [True, False, False, True, False, False]
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
