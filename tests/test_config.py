@@ -53,6 +53,8 @@ def test_repository_params_are_the_study_baseline():
     ("train", "grad_clip_norm", 0, "'train.grad_clip_norm'"),
     ("train", "ema_decay", 1.0, "'train.ema_decay'"),
     ("augment", "erasing", 1.5, "'augment.erasing'"),
+    ("augment", "cutmix", -0.1, "'augment.cutmix'"),
+    ("augment", "cutmix", 1.5, "'augment.cutmix'"),
     ("augment", "crop_padding", -1, "'augment.crop_padding'"),
     ("augment", "plain_last_epochs", -1, "'augment.plain_last_epochs'"),
     ("augment", "plain_last_epochs", 20, "'augment.plain_last_epochs'.*train.epochs=20"),
@@ -84,6 +86,9 @@ def test_the_last_epochs_drop_crop_and_erasing_or_erasing_alone():
            (aug.for_epoch(epoch, 10) for epoch in range(1, 11))]
     assert got == [(2, True, 0.25)] * 7 + [(2, True, 0.0)] * 2 + [(0, True, 0.0)]
     assert AugmentConfig(erasing=0.25).for_epoch(10, 10) == AugmentConfig(erasing=0.25)
+    mixed = AugmentConfig(cutmix=0.5, plain_last_epochs=1, unerased_last_epochs=2)
+    assert [a.cutmix for a in (mixed.for_epoch(epoch, 3) for epoch in (1, 2, 3))] == [
+        0.5, 0.5, 0.0]  # the plain epochs alone end CutMix
 
 
 def test_onecycle_needs_its_rising_phase():

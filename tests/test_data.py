@@ -258,3 +258,30 @@ def test_random_erasing_blanks_one_rectangle_with_probability_p():
         cols = (img == 0).any(0).nonzero().flatten()
         box = img[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
         assert (box == 0).all() and (img == 0).sum() == box.numel()
+
+
+def test_cutmix_pastes_one_rectangle_of_each_images_partner_and_weighs_the_labels_by_area():
+    x = torch.arange(8.0)[:, None, None, None].expand(8, 1, 28, 28).clone()  # image i is all i
+    assert data.cutmix(x, 0.0, torch.Generator().manual_seed(0)) == (x, None)
+    shares = []
+    for seed in range(20):
+        out, (partners, own) = data.cutmix(x, 1.0, torch.Generator().manual_seed(seed))
+        assert sorted(partners.tolist()) == list(range(8))  # a pairing of the batch
+        box = None  # the same rectangle in every image, filled with its partner's pixels
+        for i, img in enumerate(out[:, 0]):
+            pasted = img != i
+            if partners[i] == i:
+                assert not pasted.any()
+                continue
+            box = pasted if box is None else box
+            assert torch.equal(pasted, box) and (img[pasted] == partners[i]).all()
+            assert pasted.float().mean().item() == pytest.approx(1 - own)
+        if box is not None and box.any():
+            rows, cols = box.any(1).nonzero().flatten(), box.any(0).nonzero().flatten()
+            assert box[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+        shares.append(own)
+    assert min(shares) < 0.5 < max(shares) <= 1  # lambda drawn anew for each batch
+    out, mix = data.cutmix(x, 1.0, torch.Generator().manual_seed(3))
+    again, mix_again = data.cutmix(x, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again) and torch.equal(mix[0], mix_again[0])  # seeded
+

@@ -218,6 +218,11 @@ class AugmentConfig:
     plain_last_epochs: int = 0
     # The last this many epochs without erasing alone (crop and mirroring kept).
     unerased_last_epochs: int = 0
+    # CutMix (Yun et al., 2019) with this probability per batch: each image gets a rectangle
+    # of another image of the batch (a random pairing), of area share 1 - lambda with lambda
+    # uniform in [0, 1] (the paper's alpha 1), and the loss weighs both labels by their
+    # pasted areas. Off in augment.plain_last_epochs. 0: off.
+    cutmix: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.hflip or not self.alternate_flips, "augment.alternate_flips",
@@ -226,20 +231,22 @@ class AugmentConfig:
         _check(0 <= self.crop_padding < IMAGE_SIDE, "augment.crop_padding", self.crop_padding,
                f"an integer from 0 to {IMAGE_SIDE - 1} (a crop padded by the whole "
                f"{IMAGE_SIDE}-pixel image can be all padding)")
-        _check(0 <= self.erasing <= 1, "augment.erasing", self.erasing,
-               "a probability in [0, 1]")
+        for key in ("erasing", "cutmix"):
+            _check(0 <= getattr(self, key) <= 1, f"augment.{key}", getattr(self, key),
+                   "a probability in [0, 1]")
         for key in LAST_EPOCHS_KEYS:
             _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key),
                    "an integer >= 0")
 
     def for_epoch(self, epoch: int, epochs: int) -> AugmentConfig:
-        """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop and erasing in
-        the last ``plain_last_epochs``, without erasing in the last ``unerased_last_epochs``."""
+        """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop, erasing and
+        CutMix in the last ``plain_last_epochs``, without erasing in the last
+        ``unerased_last_epochs``."""
         changes: dict[str, Any] = {}
         if epoch > epochs - max(self.plain_last_epochs, self.unerased_last_epochs):
             changes["erasing"] = 0.0
         if epoch > epochs - self.plain_last_epochs:
-            changes["crop_padding"] = 0
+            changes.update(crop_padding=0, cutmix=0.0)
         return dataclasses.replace(self, **changes) if changes else self
 
 

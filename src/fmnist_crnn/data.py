@@ -335,6 +335,31 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., py - dy : py - dy + h, px - dx : px - dx + w]
 
 
+def cutmix(x: torch.Tensor, p: float, generator: torch.Generator
+           ) -> tuple[torch.Tensor, tuple[torch.Tensor, float] | None]:
+    """With probability ``p`` for the batch, CutMix (Yun et al., 2019): one rectangle, the
+    same for every image, taken from the image's partner in a random pairing of the batch.
+    Its side is ``sqrt(1 - lambda)`` of the image's, lambda uniform in [0, 1] (the paper's
+    alpha 1), its centre uniform, clipped at the border. Returns the images and, when mixed,
+    the partners' indices and the share of each image left its own (1 - the pasted area), the
+    weight of its own label in the loss."""
+    if torch.rand(1, generator=generator).item() >= p:
+        return x, None
+    b, _, h, w = x.shape
+    lam = torch.rand(1, generator=generator).item()
+    partners = torch.randperm(b, generator=generator)
+    cy = int(torch.randint(0, h, (1,), generator=generator))
+    cx = int(torch.randint(0, w, (1,), generator=generator))
+    side = (1 - lam) ** 0.5
+    half_h, half_w = int(h * side) // 2, int(w * side) // 2
+    top, bottom = max(cy - half_h, 0), min(cy + half_h, h)
+    left, right = max(cx - half_w, 0), min(cx + half_w, w)
+    mixed = x.clone()
+    mixed[..., top:bottom, left:right] = x[partners][..., top:bottom, left:right]
+    own = 1 - (bottom - top) * (right - left) / (h * w)
+    return mixed, (partners, own)
+
+
 def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """With probability ``p`` per image, set a random rectangle to 0 (RandomErasing's ranges)."""
     b, _, h, w = x.shape

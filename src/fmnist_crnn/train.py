@@ -316,14 +316,21 @@ def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfi
     state.model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for step, (x, y) in enumerate(batches):
+        mix = None
         if augment is not None:
             x = data.augment_batch(x, augment, state.generator)
+            if augment.cutmix:
+                x, mix = data.cutmix(x, augment.cutmix, state.generator)
         x = x.to(device, memory_format=memory_format, non_blocking=True)
         y = y.to(device, non_blocking=True)
         state.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = trained(x)
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if mix is not None:  # each label weighed by its share of the image
+                partners, own = mix
+                loss = own * loss + (1 - own) * F.cross_entropy(
+                    logits, y[partners.to(device)], label_smoothing=cfg.label_smoothing)
         if not torch.isfinite(loss):
             raise TrainingError(
                 f"loss became {loss.item()} at epoch {state.epoch + 1}, batch {step + 1}; "
