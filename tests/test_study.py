@@ -159,6 +159,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "augment.cutmix": 0.5}
     assert study.RECIPES["best-nodrop-cm5-e0-22ep"] == {
         **study.RECIPES["best-nodrop-cm5-22ep"], "augment.erasing": 0.0}
+    assert study.RECIPES["best-nodrop-l2-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "model.num_layers": 2}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
