@@ -355,7 +355,7 @@ def cutmix(x: torch.Tensor, p: float, generator: torch.Generator
     top, bottom = max(cy - half_h, 0), min(cy + half_h, h)
     left, right = max(cx - half_w, 0), min(cx + half_w, w)
     mixed = x.clone()
-    mixed[..., top:bottom, left:right] = x[partners][..., top:bottom, left:right]
+    mixed[..., top:bottom, left:right] = x[partners, :, top:bottom, left:right]
     own = 1 - (bottom - top) * (right - left) / (h * w)
     return mixed, (partners, own)
 
