@@ -55,6 +55,7 @@ def test_repository_params_are_the_study_baseline():
     ("augment", "erasing", 1.5, "'augment.erasing'"),
     ("augment", "cutmix", -0.1, "'augment.cutmix'"),
     ("augment", "cutmix", 1.5, "'augment.cutmix'"),
+    ("augment", "mixup", 2, "'augment.mixup'"),
     ("augment", "crop_padding", -1, "'augment.crop_padding'"),
     ("augment", "plain_last_epochs", -1, "'augment.plain_last_epochs'"),
     ("augment", "plain_last_epochs", 20, "'augment.plain_last_epochs'.*train.epochs=20"),
@@ -86,9 +87,17 @@ def test_the_last_epochs_drop_crop_and_erasing_or_erasing_alone():
            (aug.for_epoch(epoch, 10) for epoch in range(1, 11))]
     assert got == [(2, True, 0.25)] * 7 + [(2, True, 0.0)] * 2 + [(0, True, 0.0)]
     assert AugmentConfig(erasing=0.25).for_epoch(10, 10) == AugmentConfig(erasing=0.25)
-    mixed = AugmentConfig(cutmix=0.5, plain_last_epochs=1, unerased_last_epochs=2)
-    assert [a.cutmix for a in (mixed.for_epoch(epoch, 3) for epoch in (1, 2, 3))] == [
-        0.5, 0.5, 0.0]  # the plain epochs alone end CutMix
+    for key in ("cutmix", "mixup"):
+        mixed = AugmentConfig(**{key: 0.5}, plain_last_epochs=1, unerased_last_epochs=2)
+        assert [getattr(mixed.for_epoch(epoch, 3), key) for epoch in (1, 2, 3)] == [
+            0.5, 0.5, 0.0]  # the plain epochs alone end CutMix and mixup
+
+
+def test_cutmix_and_mixup_do_not_share_a_batch():
+    raw = raw_params()
+    raw["augment"].update(cutmix=0.5, mixup=0.5)
+    with pytest.raises(ConfigError, match=r"'augment\.mixup'.*while augment\.cutmix is set"):
+        params_from_dict(raw)
 
 
 def test_onecycle_needs_its_rising_phase():

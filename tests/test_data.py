@@ -285,3 +285,19 @@ def test_cutmix_pastes_one_rectangle_of_each_images_partner_and_weighs_the_label
     again, mix_again = data.cutmix(x, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(out, again) and torch.equal(mix[0], mix_again[0])  # seeded
 
+
+def test_mixup_blends_each_image_with_its_partner_by_one_lambda_per_batch():
+    x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    assert data.mixup(x, 0.0, torch.Generator().manual_seed(0)) == (x, None)
+    lambdas = []
+    for seed in range(20):
+        out, (partners, lam) = data.mixup(x, 1.0, torch.Generator().manual_seed(seed))
+        assert sorted(partners.tolist()) == list(range(8))  # a pairing of the batch
+        assert torch.allclose(out, lam * x + (1 - lam) * x[partners], atol=1e-6)
+        lambdas.append(lam)
+    assert 0 <= min(lambdas) < 0.5 < max(lambdas) <= 1  # drawn anew for each batch
+    out, mix = data.mixup(x, 1.0, torch.Generator().manual_seed(3))
+    again, mix_again = data.mixup(x, 1.0, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again) and torch.equal(mix[0], mix_again[0])  # seeded
+    assert mix[1] == mix_again[1]
+

@@ -227,10 +227,11 @@ def test_plain_last_epochs_train_without_crop_and_erasing_and_resume_exactly(
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in ending.history]
 
 
-def test_cutmix_trains_on_both_labels_and_resumes_exactly(splits, tmp_path, monkeypatch):
+@pytest.mark.parametrize("key", ["cutmix", "mixup"])
+def test_mixing_trains_on_both_labels_and_resumes_exactly(key, splits, tmp_path, monkeypatch):
     import dataclasses
 
-    mixing = dataclasses.replace(AUGMENT, cutmix=1.0)
+    mixing = dataclasses.replace(AUGMENT, **{key: 1.0})
     full = train.fit(SMALL, RECIPE, *splits, mixing, progress=False)
     plain = train.fit(SMALL, RECIPE, *splits, AUGMENT, progress=False)
     assert full.history[0]["train_loss"] != plain.history[0]["train_loss"]
@@ -238,9 +239,10 @@ def test_cutmix_trains_on_both_labels_and_resumes_exactly(splits, tmp_path, monk
     assert [r["val_loss"] for r in resumed.history] == [r["val_loss"] for r in full.history]
 
     # The loss weighs each label by its share: a batch that keeps every image whole (lambda
-    # 1) trains exactly as without CutMix, one that pastes every pixel trains on the partners'.
+    # 1) trains exactly as without mixing, one that takes every pixel from the partners trains
+    # on the partners' labels.
     for own in (1.0, 0.0):
-        monkeypatch.setattr(data, "cutmix", lambda x, p, generator, own=own: (
+        monkeypatch.setattr(data, key, lambda x, p, generator, own=own: (
             x, (torch.arange(len(x)).roll(1), own)))
         ran = train.fit(SMALL, RECIPE, *splits, mixing, progress=False)
         assert (ran.history[0]["train_loss"] == plain.history[0]["train_loss"]) == (own == 1.0)

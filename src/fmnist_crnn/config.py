@@ -223,6 +223,11 @@ class AugmentConfig:
     # uniform in [0, 1] (the paper's alpha 1), and the loss weighs both labels by their
     # pasted areas. Off in augment.plain_last_epochs. 0: off.
     cutmix: float = 0.0
+    # mixup (Zhang et al., 2018) with this probability per batch: each image blended with its
+    # partner in a random pairing of the batch, lambda * own + (1 - lambda) * partner, lambda
+    # uniform in [0, 1] (the paper's alpha 1, its CIFAR setting), both labels weighed by lambda
+    # and 1 - lambda. Off in augment.plain_last_epochs; not with augment.cutmix. 0: off.
+    mixup: float = 0.0
 
     def __post_init__(self) -> None:
         _check(self.hflip or not self.alternate_flips, "augment.alternate_flips",
@@ -231,22 +236,24 @@ class AugmentConfig:
         _check(0 <= self.crop_padding < IMAGE_SIDE, "augment.crop_padding", self.crop_padding,
                f"an integer from 0 to {IMAGE_SIDE - 1} (a crop padded by the whole "
                f"{IMAGE_SIDE}-pixel image can be all padding)")
-        for key in ("erasing", "cutmix"):
+        for key in ("erasing", "cutmix", "mixup"):
             _check(0 <= getattr(self, key) <= 1, f"augment.{key}", getattr(self, key),
                    "a probability in [0, 1]")
+        _check(not (self.cutmix and self.mixup), "augment.mixup", self.mixup,
+               f"0 while augment.cutmix is set ({self.cutmix}): a batch gets one or the other")
         for key in LAST_EPOCHS_KEYS:
             _check(getattr(self, key) >= 0, f"augment.{key}", getattr(self, key),
                    "an integer >= 0")
 
     def for_epoch(self, epoch: int, epochs: int) -> AugmentConfig:
-        """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop, erasing and
-        CutMix in the last ``plain_last_epochs``, without erasing in the last
+        """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop, erasing,
+        CutMix and mixup in the last ``plain_last_epochs``, without erasing in the last
         ``unerased_last_epochs``."""
         changes: dict[str, Any] = {}
         if epoch > epochs - max(self.plain_last_epochs, self.unerased_last_epochs):
             changes["erasing"] = 0.0
         if epoch > epochs - self.plain_last_epochs:
-            changes.update(crop_padding=0, cutmix=0.0)
+            changes.update(crop_padding=0, cutmix=0.0, mixup=0.0)
         return dataclasses.replace(self, **changes) if changes else self
 
 

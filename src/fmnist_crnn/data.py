@@ -360,6 +360,20 @@ def cutmix(x: torch.Tensor, p: float, generator: torch.Generator
     return mixed, (partners, own)
 
 
+def mixup(x: torch.Tensor, p: float, generator: torch.Generator
+          ) -> tuple[torch.Tensor, tuple[torch.Tensor, float] | None]:
+    """With probability ``p`` for the batch, mixup (Zhang et al., 2018): every image blended
+    with its partner in a random pairing of the batch, ``lambda * x + (1 - lambda) * partner``,
+    lambda uniform in [0, 1] (the paper's alpha 1) and the same for the batch. Returns the
+    images and, when mixed, the partners' indices and lambda, the weight of each image's own
+    label in the loss (the contract of :func:`cutmix`)."""
+    if torch.rand(1, generator=generator).item() >= p:
+        return x, None
+    lam = torch.rand(1, generator=generator).item()
+    partners = torch.randperm(len(x), generator=generator)
+    return torch.lerp(x[partners], x, lam), (partners, lam)
+
+
 def random_erasing(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
     """With probability ``p`` per image, set a random rectangle to 0 (RandomErasing's ranges)."""
     b, _, h, w = x.shape

@@ -321,6 +321,8 @@ def train_one_epoch(state: TrainState, trained: torch.nn.Module, cfg: TrainConfi
             x = data.augment_batch(x, augment, state.generator)
             if augment.cutmix:
                 x, mix = data.cutmix(x, augment.cutmix, state.generator)
+            elif augment.mixup:
+                x, mix = data.mixup(x, augment.mixup, state.generator)
         x = x.to(device, memory_format=memory_format, non_blocking=True)
         y = y.to(device, non_blocking=True)
         state.optimizer.zero_grad(set_to_none=True)
