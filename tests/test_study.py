@@ -163,6 +163,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "model.num_layers": 2}
     for name, p in (("best-nodrop-mu5-22ep", 0.5), ("best-nodrop-mu2-22ep", 0.2)):
         assert study.RECIPES[name] == {**study.RECIPES["best-nodrop-22ep"], "augment.mixup": p}
+    assert study.RECIPES["best-nodrop-b64-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "train.batch_size": 64}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
