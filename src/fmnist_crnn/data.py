@@ -335,6 +335,17 @@ def shift(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[..., py - dy : py - dy + h, px - dx : px - dx + w]
 
 
+def _mixing_draw(batch: int, p: float, generator: torch.Generator
+                 ) -> tuple[float, torch.Tensor] | None:
+    """CutMix's and mixup's draws, in this order: whether the batch mixes (probability
+    ``p``), lambda uniform in [0, 1], and a random pairing of the ``batch`` images; None when
+    the batch stays as it is."""
+    if torch.rand(1, generator=generator).item() >= p:
+        return None
+    lam = torch.rand(1, generator=generator).item()
+    return lam, torch.randperm(batch, generator=generator)
+
+
 def cutmix(x: torch.Tensor, p: float, generator: torch.Generator
            ) -> tuple[torch.Tensor, tuple[torch.Tensor, float] | None]:
     """With probability ``p`` for the batch, CutMix (Yun et al., 2019): one rectangle, the
@@ -343,11 +354,11 @@ def cutmix(x: torch.Tensor, p: float, generator: torch.Generator
     alpha 1), its centre uniform, clipped at the border. Returns the images and, when mixed,
     the partners' indices and the share of each image left its own (1 - the pasted area), the
     weight of its own label in the loss."""
-    if torch.rand(1, generator=generator).item() >= p:
+    drawn = _mixing_draw(len(x), p, generator)
+    if drawn is None:
         return x, None
-    b, _, h, w = x.shape
-    lam = torch.rand(1, generator=generator).item()
-    partners = torch.randperm(b, generator=generator)
+    lam, partners = drawn
+    h, w = x.shape[-2:]
     cy = int(torch.randint(0, h, (1,), generator=generator))
     cx = int(torch.randint(0, w, (1,), generator=generator))
     side = (1 - lam) ** 0.5
@@ -367,10 +378,10 @@ def mixup(x: torch.Tensor, p: float, generator: torch.Generator
     lambda uniform in [0, 1] (the paper's alpha 1) and the same for the batch. Returns the
     images and, when mixed, the partners' indices and lambda, the weight of each image's own
     label in the loss (the contract of :func:`cutmix`)."""
-    if torch.rand(1, generator=generator).item() >= p:
+    drawn = _mixing_draw(len(x), p, generator)
+    if drawn is None:
         return x, None
-    lam = torch.rand(1, generator=generator).item()
-    partners = torch.randperm(len(x), generator=generator)
+    lam, partners = drawn
     return torch.lerp(x[partners], x, lam), (partners, lam)
 
 
