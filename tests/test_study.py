@@ -167,6 +167,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-22ep"], "train.batch_size": 64}
     assert study.RECIPES["best-nodrop-k5-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "model.kernel_sizes": [5, 3, 3, 3]}
+    assert study.RECIPES["best-nodrop-h192-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "model.hidden_dim": 192}
     for name, decay in (("best-nodrop-wd02-22ep", 0.02), ("best-nodrop-wd10-22ep", 0.1)):
         assert study.RECIPES[name] == {**study.RECIPES["best-nodrop-22ep"],
                                        "train.weight_decay": decay}
