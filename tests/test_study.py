@@ -172,6 +172,10 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     for name, decay in (("best-nodrop-wd02-22ep", 0.02), ("best-nodrop-wd10-22ep", 0.1)):
         assert study.RECIPES[name] == {**study.RECIPES["best-nodrop-22ep"],
                                        "train.weight_decay": decay}
+    sgd = {**study.RECIPES["best-nodrop-22ep"], "train.optimizer": "sgd",
+           "train.weight_decay": 0.0005}
+    for name, lr in (("best-nodrop-sgd5-22ep", 0.05), ("best-nodrop-sgd10-22ep", 0.1)):
+        assert study.RECIPES[name] == {**sgd, "train.lr": lr}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
