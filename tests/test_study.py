@@ -176,6 +176,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
            "train.weight_decay": 0.0005}
     for name, lr in (("best-nodrop-sgd5-22ep", 0.05), ("best-nodrop-sgd10-22ep", 0.1)):
         assert study.RECIPES[name] == {**sgd, "train.lr": lr}
+    assert study.RECIPES["best-nodrop-col-22ep"] == {
+        **study.RECIPES["best-nodrop-22ep"], "model.sequence": "columns"}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
