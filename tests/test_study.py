@@ -178,6 +178,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         assert study.RECIPES[name] == {**sgd, "train.lr": lr}
     assert study.RECIPES["best-nodrop-col-22ep"] == {
         **study.RECIPES["best-nodrop-22ep"], "model.sequence": "columns"}
+    for name, padding in (("best-nodrop-cp1-22ep", 1), ("best-nodrop-cp3-22ep", 3)):
+        assert study.RECIPES[name] == {**study.RECIPES["best-nodrop-22ep"],
+                                       "augment.crop_padding": padding}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
