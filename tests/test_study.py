@@ -582,7 +582,10 @@ def test_timing_the_default_run_leaves_the_lock_staged_only_if_it_was(staged_bef
         git("add", "dvc.lock")
     monkeypatch.chdir(tmp_path)
 
+    calls = []
+
     def repro(*args, capture=True):  # what `dvc repro` does to the lock, autostage included
+        calls.append(args)
         (tmp_path / "dvc.lock").write_text("model: this machine's\n")
         git("add", "dvc.lock")
         (tmp_path / "metrics").mkdir(exist_ok=True)
@@ -591,6 +594,8 @@ def test_timing_the_default_run_leaves_the_lock_staged_only_if_it_was(staged_bef
 
     monkeypatch.setattr(queue, "dvc", repro)
     assert queue.time_default_run() == 281.5
+    # The data first (a fresh clone has none), then train forced alone, then the rest.
+    assert calls == [("repro", "split"), ("repro", "-f", "-s", "train"), ("repro",)]
     assert (tmp_path / "dvc.lock").read_text() == "model: this machine's\n"
     assert bool(git("diff", "--cached", "--name-only")) is staged_before
 
