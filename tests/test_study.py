@@ -181,8 +181,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     for name, padding in (("best-nodrop-cp1-22ep", 1), ("best-nodrop-cp3-22ep", 3)):
         assert study.RECIPES[name] == {**study.RECIPES["best-nodrop-22ep"],
                                        "augment.crop_padding": padding}
-    assert study.RECIPES["best-60k-nodrop-cp1-28ep"] == {
-        **study.RECIPES["best-60k-nodrop-28ep"], "augment.crop_padding": 1}
+    for epochs in (28, 52):
+        assert study.RECIPES[f"best-60k-nodrop-cp1-{epochs}ep"] == {
+            **study.RECIPES[f"best-60k-nodrop-{epochs}ep"], "augment.crop_padding": 1}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
