@@ -186,8 +186,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
             **study.RECIPES[f"best-60k-nodrop-{epochs}ep"], "augment.crop_padding": 1}
     assert study.RECIPES["best-nodrop-e50-52ep"] == {
         **study.RECIPES["best-nodrop-52ep"], "augment.erasing": 0.5}
-    assert study.RECIPES["best-nodrop-cm5-e0-52ep"] == {
-        **study.RECIPES["best-nodrop-52ep"], "augment.cutmix": 0.5, "augment.erasing": 0.0}
+    for prefix in ("best-nodrop", "best-60k-nodrop"):
+        assert study.RECIPES[f"{prefix}-cm5-e0-52ep"] == {
+            **study.RECIPES[f"{prefix}-52ep"], "augment.cutmix": 0.5, "augment.erasing": 0.0}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
