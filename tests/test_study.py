@@ -189,6 +189,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     for prefix in ("best-nodrop", "best-60k-nodrop"):
         assert study.RECIPES[f"{prefix}-cm5-e0-52ep"] == {
             **study.RECIPES[f"{prefix}-52ep"], "augment.cutmix": 0.5, "augment.erasing": 0.0}
+    assert study.RECIPES["best-60k-nodrop-cm5-e0-60ep"] == {
+        **study.scale_to_epochs(study.RECIPES["best-60k-nodrop-cm5-e0-52ep"], 60),
+        "train.epochs": 60}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
