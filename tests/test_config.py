@@ -61,6 +61,8 @@ def test_repository_params_are_the_study_baseline():
     ("augment", "plain_last_epochs", 20, "'augment.plain_last_epochs'.*train.epochs=20"),
     ("augment", "unerased_last_epochs", -1, "'augment.unerased_last_epochs'"),
     ("augment", "unerased_last_epochs", 20, "'augment.unerased_last_epochs'.*train.epochs=20"),
+    ("augment", "unmixed_last_epochs", -1, "'augment.unmixed_last_epochs'"),
+    ("augment", "unmixed_last_epochs", 20, "'augment.unmixed_last_epochs'.*train.epochs=20"),
     ("augment", "vflip", True, "unknown key 'augment.vflip'"),
     ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
     ("evaluate", "tta_shift", -1, "'evaluate.tta_shift'"),
@@ -91,6 +93,15 @@ def test_the_last_epochs_drop_crop_and_erasing_or_erasing_alone():
         mixed = AugmentConfig(**{key: 0.5}, plain_last_epochs=1, unerased_last_epochs=2)
         assert [getattr(mixed.for_epoch(epoch, 3), key) for epoch in (1, 2, 3)] == [
             0.5, 0.5, 0.0]  # the plain epochs alone end CutMix and mixup
+
+
+def test_the_unmixed_last_epochs_drop_cutmix_and_mixup_alone():
+    for key in ("cutmix", "mixup"):
+        aug = AugmentConfig(crop_padding=2, hflip=True, erasing=0.25, **{key: 0.5},
+                            unmixed_last_epochs=2, plain_last_epochs=1)
+        got = [(a.crop_padding, a.hflip, a.erasing, getattr(a, key)) for a in
+               (aug.for_epoch(epoch, 5) for epoch in range(1, 6))]
+        assert got == [(2, True, 0.25, 0.5)] * 3 + [(2, True, 0.25, 0.0), (0, True, 0.0, 0.0)]
 
 
 def test_cutmix_and_mixup_do_not_share_a_batch():

@@ -199,7 +199,7 @@ class TrainConfig:
 
 
 # AugmentConfig's counts of final epochs with less augmentation: each >= 0, < train.epochs.
-LAST_EPOCHS_KEYS = ("plain_last_epochs", "unerased_last_epochs")
+LAST_EPOCHS_KEYS = ("plain_last_epochs", "unerased_last_epochs", "unmixed_last_epochs")
 
 
 @dataclass(frozen=True)
@@ -218,15 +218,20 @@ class AugmentConfig:
     plain_last_epochs: int = 0
     # The last this many epochs without erasing alone (crop and mirroring kept).
     unerased_last_epochs: int = 0
+    # The last this many epochs without CutMix and mixup alone (crop, erasing and mirroring
+    # kept): the end of the schedule on whole images and single labels, as timm's
+    # mixup_off_epoch, without giving up the crop the shifted test views rely on.
+    unmixed_last_epochs: int = 0
     # CutMix (Yun et al., 2019) with this probability per batch: each image gets a rectangle
     # of another image of the batch (a random pairing), of area share 1 - lambda with lambda
     # uniform in [0, 1] (the paper's alpha 1), and the loss weighs both labels by their
-    # pasted areas. Off in augment.plain_last_epochs. 0: off.
+    # pasted areas. Off in augment.plain_last_epochs and augment.unmixed_last_epochs. 0: off.
     cutmix: float = 0.0
     # mixup (Zhang et al., 2018) with this probability per batch: each image blended with its
     # partner in a random pairing of the batch, lambda * own + (1 - lambda) * partner, lambda
     # uniform in [0, 1] (the paper's alpha 1, its CIFAR setting), both labels weighed by lambda
-    # and 1 - lambda. Off in augment.plain_last_epochs; not with augment.cutmix. 0: off.
+    # and 1 - lambda. Off in augment.plain_last_epochs and augment.unmixed_last_epochs; not
+    # with augment.cutmix. 0: off.
     mixup: float = 0.0
 
     def __post_init__(self) -> None:
@@ -248,12 +253,15 @@ class AugmentConfig:
     def for_epoch(self, epoch: int, epochs: int) -> AugmentConfig:
         """What epoch ``epoch`` (from 1) of ``epochs`` applies: without crop, erasing,
         CutMix and mixup in the last ``plain_last_epochs``, without erasing in the last
-        ``unerased_last_epochs``."""
+        ``unerased_last_epochs``, without CutMix and mixup in the last
+        ``unmixed_last_epochs``."""
         changes: dict[str, Any] = {}
         if epoch > epochs - max(self.plain_last_epochs, self.unerased_last_epochs):
             changes["erasing"] = 0.0
+        if epoch > epochs - max(self.plain_last_epochs, self.unmixed_last_epochs):
+            changes.update(cutmix=0.0, mixup=0.0)
         if epoch > epochs - self.plain_last_epochs:
-            changes.update(crop_padding=0, cutmix=0.0, mixup=0.0)
+            changes["crop_padding"] = 0
         return dataclasses.replace(self, **changes) if changes else self
 
 
