@@ -67,6 +67,8 @@ def test_repository_params_are_the_study_baseline():
     ("evaluate", "tta_hflip", "yes", "'evaluate.tta_hflip'"),
     ("evaluate", "tta_shift", -1, "'evaluate.tta_shift'"),
     ("evaluate", "tta_shift", 28, "'evaluate.tta_shift'.*28-pixel image is blank"),
+    ("evaluate", "tta_diagonal", "yes", "'evaluate.tta_diagonal'"),
+    ("evaluate", "tta_diagonal", True, "'evaluate.tta_diagonal'.*tta_shift is 0"),
     ("augment", "crop_padding", 28, "'augment.crop_padding'"),
     ("tracking", "champion_alias", "", "'tracking.champion_alias'"),
     ("tracking", "registered_model_name", "a/b", "'tracking.registered_model_name'"),

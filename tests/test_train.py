@@ -318,6 +318,11 @@ def test_shift_tta_averages_the_moved_images_and_their_mirrors(splits):
     views = tta_views(True, 2)
     assert views[0] == (0, 0, False) and len(set(views)) == 10
     assert {(dy, dx) for dy, dx, _ in views} == {(0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)}
+    # Diagonals complete the 3x3 neighbourhood for a shift of 1: nine places, 18 views.
+    grid = tta_views(True, 1, diagonal=True)
+    assert grid[:10] == tta_views(True, 1) and len(set(grid)) == 18
+    assert {(dy, dx) for dy, dx, _ in grid} == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
+    assert tta_views(False, 0, diagonal=True) == [(0, 0, False)]
 
     torch.manual_seed(0)  # the same weights whichever tests ran before in this process
     model = CRNN(SMALL).eval()

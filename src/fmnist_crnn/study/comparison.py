@@ -69,9 +69,13 @@ def tta_change(record: dict[str, Any]) -> str:
     shift, hflip = evaluate.get("tta_shift", 0), evaluate.get("tta_hflip", True)
     if not shift:
         return "flip TTA at test"
-    moved = f"its moves by {shift} pixel{'s' if shift > 1 else ''} up, down, left and right"
+    diagonal = evaluate.get("tta_diagonal", False)
+    moved = (f"its moves by {shift} pixel{'s' if shift > 1 else ''} up, down, left and right"
+             + (" and diagonally" if diagonal else ""))
+    places = 9 if diagonal else 5
     return (f"TTA at test: the image, {moved}"
-            + (", and the mirrors of all five (10 views)" if hflip else " (5 views)"))
+            + (f", and the mirrors of all {'nine' if diagonal else 'five'} ({2 * places} views)"
+               if hflip else f" ({places} views)"))
 
 
 def _rows(records: list[dict[str, Any]]) -> dict[str, Row]:
