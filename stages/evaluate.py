@@ -23,7 +23,7 @@ def main(args, params) -> None:
         champion_alias=params.tracking.champion_alias, device_name=params.train.device,
         tta_hflip=params.evaluate.tta_hflip,
         tta_shift=params.evaluate.tta_shift,
-        tta_diagonal=params.evaluate.tta_diagonal,
+        tta_moves=params.evaluate.tta_moves,
         inspect_indices=params.report.inspect_indices, record=to_flat_dict(params),
     )
 

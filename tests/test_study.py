@@ -261,9 +261,9 @@ def test_tta_runs_get_a_row_without_tta_just_above():
     assert study.comparison.tta_change(ten).endswith("mirrors of all five (10 views)")
     lines, _ = study.comparison_table([{**r, **ten} for r in records])
     assert "moves by 1 pixel up, down, left and right" in lines[-1]
-    grid = {"params": {"evaluate": {"tta_hflip": True, "tta_shift": 1, "tta_diagonal": True}}}
-    assert study.comparison.tta_change(grid).endswith(
-        "up, down, left and right and diagonally, and the mirrors of all nine (18 views)")
+    diamond = {"params": {"evaluate": {"tta_hflip": True, "tta_shift": 2, "tta_moves": "diamond"}}}
+    assert study.comparison.tta_change(diamond).endswith(
+        "moves of up to 2 pixels in all, and the mirrors of all 13 (26 views)")
 
 
 def test_comparison_is_rebuilt_from_records_and_names_missing_runs(tmp_path):

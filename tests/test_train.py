@@ -318,11 +318,16 @@ def test_shift_tta_averages_the_moved_images_and_their_mirrors(splits):
     views = tta_views(True, 2)
     assert views[0] == (0, 0, False) and len(set(views)) == 10
     assert {(dy, dx) for dy, dx, _ in views} == {(0, 0), (-2, 0), (2, 0), (0, -2), (0, 2)}
-    # Diagonals complete the 3x3 neighbourhood for a shift of 1: nine places, 18 views.
-    grid = tta_views(True, 1, diagonal=True)
-    assert grid[:10] == tta_views(True, 1) and len(set(grid)) == 18
-    assert {(dy, dx) for dy, dx, _ in grid} == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}
-    assert tta_views(False, 0, diagonal=True) == [(0, 0, False)]
+    # The other neighbourhoods start with the cross and add the places nearest first.
+    for moves, pixels, places in (("square", 1, 9), ("diamond", 2, 13), ("square", 2, 25)):
+        grid = tta_views(True, pixels, moves)
+        assert grid[:10] == tta_views(True, pixels) and len(set(grid)) == 2 * places
+        reach = range(-pixels, pixels + 1)
+        assert {(dy, dx) for dy, dx, _ in grid} == {
+            (dy, dx) for dy in reach for dx in reach
+            if moves == "square" or abs(dy) + abs(dx) <= pixels}
+    assert tta_views(True, 2, "diamond")[10:12] == [(-1, 0, False), (-1, 0, True)]
+    assert tta_views(True, 1, "diamond") == tta_views(True, 1)
 
     torch.manual_seed(0)  # the same weights whichever tests ran before in this process
     model = CRNN(SMALL).eval()

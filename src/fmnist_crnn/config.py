@@ -271,15 +271,16 @@ class EvaluateConfig:
 
     tta_hflip: bool = False  # the image and its mirror image
     tta_shift: int = 0  # also the image moved this many pixels up, down, left, right
-    tta_diagonal: bool = False  # and diagonally (tta_shift 1: the 3x3 neighbourhood)
+    # Which moves of up to tta_shift pixels: "cross" the four above; "diamond" every move of
+    # at most tta_shift pixels in all (2: 13 places); "square" at most tta_shift each way.
+    tta_moves: Literal["cross", "diamond", "square"] = "cross"
 
     def __post_init__(self) -> None:
         _check(0 <= self.tta_shift < IMAGE_SIDE, "evaluate.tta_shift", self.tta_shift,
                f"an integer from 0 to {IMAGE_SIDE - 1} (a view moved by the whole "
                f"{IMAGE_SIDE}-pixel image is blank)")
-        _check(not self.tta_diagonal or self.tta_shift > 0, "evaluate.tta_diagonal",
-               self.tta_diagonal, "false while evaluate.tta_shift is 0 (no moves to add "
-               "diagonals to)")
+        _check(self.tta_moves == "cross" or self.tta_shift > 0, "evaluate.tta_moves",
+               self.tta_moves, "cross while evaluate.tta_shift is 0 (no moves)")
 
 
 @dataclass(frozen=True)

@@ -12,40 +12,44 @@ from tqdm import tqdm
 from fmnist_crnn import data
 
 
-def tta_views(hflip: bool, shift: int = 0, diagonal: bool = False
+def tta_views(hflip: bool, shift: int = 0, moves: str = "cross"
               ) -> list[tuple[int, int, bool]]:
-    """The test-time views as (rows down, columns right, mirrored): the image itself first,
-    then its moves by ``shift`` pixels up, down, left and right, then (``diagonal``) its
-    moves by ``shift`` both ways at once; each with its mirror when ``hflip``."""
-    moves = [(0, 0)] + ([(-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [])
-    if shift and diagonal:
-        moves += [(-shift, -shift), (-shift, shift), (shift, -shift), (shift, shift)]
-    return [(dy, dx, mirrored) for dy, dx in moves
+    """The test-time views as (rows down, columns right, mirrored), each with its mirror when
+    ``hflip``: the image itself first, then its moves of up to ``shift`` pixels. ``moves``:
+    "cross" by ``shift`` up, down, left and right; "diamond" every move of at most ``shift``
+    pixels in all; "square" at most ``shift`` pixels each way (nearest first)."""
+    places = [(0, 0)] + ([(-shift, 0), (shift, 0), (0, -shift), (0, shift)] if shift else [])
+    if moves != "cross":
+        reach = range(-shift, shift + 1)
+        around = [(dy, dx) for dy in reach for dx in reach
+                  if (dy, dx) not in places and (moves == "square" or abs(dy) + abs(dx) <= shift)]
+        places += sorted(around, key=lambda m: (abs(m[0]) + abs(m[1]), m))
+    return [(dy, dx, mirrored) for dy, dx in places
             for mirrored in ((False, True) if hflip else (False,))]
 
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
                    device: torch.device, desc: str | None = None,
-                   tta_hflip: bool = False, tta_shift: int = 0, tta_diagonal: bool = False,
+                   tta_hflip: bool = False, tta_shift: int = 0, tta_moves: str = "cross",
                    ) -> torch.Tensor:
     """Logits (N, classes) on the CPU for uint8 images (N, 28, 28), in order.
 
-    ``tta_hflip``, ``tta_shift``, ``tta_diagonal``: test-time augmentation, the mean of the
+    ``tta_hflip``, ``tta_shift``, ``tta_moves``: test-time augmentation, the mean of the
     logits of each image's views (``tta_views``).
     """
     return predict_logits_and_tta(model, images, batch_size, device, desc,
-                                  tta_hflip, tta_shift, tta_diagonal)[1]
+                                  tta_hflip, tta_shift, tta_moves)[1]
 
 
 @torch.no_grad()
 def predict_logits_and_tta(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
                            device: torch.device, desc: str | None = None,
                            tta_hflip: bool = True, tta_shift: int = 0,
-                           tta_diagonal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                           tta_moves: str = "cross") -> tuple[torch.Tensor, torch.Tensor]:
     """The plain logits and the TTA logits (the mean over each image's views, the plain one
     included), from one pass over the images: the one implementation of test-time views."""
-    views = tta_views(tta_hflip, tta_shift, tta_diagonal)
+    views = tta_views(tta_hflip, tta_shift, tta_moves)
     model.eval()
     plain, averaged = [], []
     stream = data.batches(images, torch.zeros(len(images), dtype=torch.long), batch_size)

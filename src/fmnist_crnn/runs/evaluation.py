@@ -40,12 +40,12 @@ def run_evaluation(
     device_name: str = "auto",
     tta_hflip: bool = False,
     tta_shift: int = 0,
-    tta_diagonal: bool = False,
+    tta_moves: str = "cross",
     record: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The evaluate stage: the test set, once; metrics to files and to the training's run.
 
-    With ``tta_hflip`` or ``tta_shift`` (and ``tta_diagonal``) the headline metrics average
+    With ``tta_hflip`` or ``tta_shift`` (and ``tta_moves``) the headline metrics average
     test-time views; ``accuracy_without_tta`` (same model, same pass over the test set) shows
     what they add.
     ``record``: the params this evaluation read; a value that differs from the training's
@@ -56,9 +56,9 @@ def run_evaluation(
     model = load_model(model_path, device)
     images, labels = data.load_split(split_dir, "test")
     plain, logits = predict_logits_and_tta(model, images, batch_size, device, "Inference",
-                                           tta_hflip, tta_shift, tta_diagonal)
+                                           tta_hflip, tta_shift, tta_moves)
     metrics = classification_metrics(logits, labels)
-    if len(tta_views(tta_hflip, tta_shift, tta_diagonal)) > 1:
+    if len(tta_views(tta_hflip, tta_shift, tta_moves)) > 1:
         metrics["accuracy_without_tta"] = accuracy(plain, labels)
     print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
     cm = confusion(logits, labels)

@@ -69,12 +69,16 @@ def tta_change(record: dict[str, Any]) -> str:
     shift, hflip = evaluate.get("tta_shift", 0), evaluate.get("tta_hflip", True)
     if not shift:
         return "flip TTA at test"
-    diagonal = evaluate.get("tta_diagonal", False)
-    moved = (f"its moves by {shift} pixel{'s' if shift > 1 else ''} up, down, left and right"
-             + (" and diagonally" if diagonal else ""))
-    places = 9 if diagonal else 5
+    moves = evaluate.get("tta_moves", "cross")
+    pixels = f"{shift} pixel{'s' if shift > 1 else ''}"
+    moved, places = {
+        "cross": (f"its moves by {pixels} up, down, left and right", 5),
+        "diamond": (f"its moves of up to {pixels} in all", 2 * shift * (shift + 1) + 1),
+        "square": (f"its moves of up to {pixels} each way", (2 * shift + 1) ** 2),
+    }[moves]
+    every = "five" if places == 5 else f"{places}"
     return (f"TTA at test: the image, {moved}"
-            + (f", and the mirrors of all {'nine' if diagonal else 'five'} ({2 * places} views)"
+            + (f", and the mirrors of all {every} ({2 * places} views)"
                if hflip else f" ({places} views)"))
 
 
