@@ -200,6 +200,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
     assert study.RECIPES["best-60k-nodrop-cm5-e0-60ep"] == {
         **study.scale_to_epochs(study.RECIPES["best-60k-nodrop-cm5-e0-52ep"], 60),
         "train.epochs": 60}
+    assert study.RECIPES["best-60k-nodrop-cm5-e0-52ep-tta26"] == {
+        **study.RECIPES["best-60k-nodrop-cm5-e0-52ep"], "evaluate.tta_shift": 2,
+        "evaluate.tta_moves": "diamond"}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
@@ -666,3 +669,81 @@ def test_a_study_and_a_recipe_start_from_the_committed_baseline(tmp_path):
             study.run_overrides(study.VARIANTS[name], 42, "s", {}))[1::2])
         assert load_params(built) == load_params(expected), name
     assert catalog.baseline_resets(committed, committed) == {}
+
+
+def test_rescore_scores_the_recorded_model_again_and_keeps_the_training(raw_dir, tmp_path,
+                                                                          monkeypatch):
+    from fmnist_crnn import data
+    from fmnist_crnn.config import ModelConfig, SplitConfig
+    from fmnist_crnn.errors import ProjectError
+    from fmnist_crnn.evaluate import accuracy, classification_metrics, predict_logits_and_tta
+    from fmnist_crnn.files import atomic_write_json
+    from fmnist_crnn.model import save_model
+    from fmnist_crnn.study import records, rescore
+
+    data.make_split(raw_dir, tmp_path / "split", SplitConfig(val_fraction=0.25))
+    torch.manual_seed(0)
+    model = CRNN(ModelConfig(channels=(8, 16, 32), embedding_dim=16, hidden_dim=16,
+                             num_layers=1, head_dims=(16,))).eval()
+    save_model(model, tmp_path / "model.pt")
+    files = {rescore.MODEL: tmp_path / "model.pt",
+             rescore.TEST_SPLIT: tmp_path / "split" / "test.pt"}
+    fetched = []
+
+    def at_rev(path, rev, to):  # the experiment commit's file, as DVC's cache gives it
+        fetched.append((path, rev))
+        to.write_bytes(files[path].read_bytes())
+        return to
+
+    monkeypatch.setattr(rescore, "_at_rev", at_rev)
+    images, labels = data.load_split(tmp_path / "split", "test")
+    cpu = torch.device("cpu")
+    plain, ten = predict_logits_and_tta(model, images, 8, cpu, tta_hflip=True, tta_shift=1)
+    rev = "a" * 40
+    source = {"name": "src-s42", "rev": rev, "study": "src", "variant": "src", "seed": 42,
+              "params": {"train": {"batch_size": 8},
+                         "evaluate": {"tta_hflip": True, "tta_shift": 1},
+                         "tracking": {"study": "src", "variant": "src"}},
+              "test_accuracy": accuracy(ten, labels),
+              "test_accuracy_without_tta": accuracy(plain, labels), "train_seconds": 100.0,
+              "reference_train_seconds": {"before": 50.0, "after": 60.0},
+              "mlflow_run_id": "r1"}
+    out = tmp_path / "study"
+    atomic_write_json(records.runs_dir(out, "src") / "src-s42.json", source)
+    diamond = {"evaluate.tta_shift": 2, "evaluate.tta_moves": "diamond"}
+
+    [path] = rescore.rescore(out, "src", "src-d2", diamond)
+    new = json.loads(path.read_text())
+    _, moved = predict_logits_and_tta(model, images, 8, cpu, tta_hflip=True, tta_shift=2,
+                                      tta_moves="diamond")
+    assert new["name"] == "src-d2-s42" and new["study"] == new["variant"] == "src-d2"
+    assert new["test_accuracy"] == accuracy(moved, labels)
+    # The loss tells the views apart where 32 images' accuracies may not.
+    assert new["test_loss"] == pytest.approx(classification_metrics(moved, labels)["loss"])
+    assert new["test_loss"] != pytest.approx(classification_metrics(ten, labels)["loss"])
+    assert new["test_accuracy_without_tta"] == source["test_accuracy_without_tta"]
+    assert new["params"]["evaluate"] == {"tta_hflip": True, "tta_shift": 2,
+                                         "tta_moves": "diamond"}
+    assert new["params"]["tracking"] == {"study": "src-d2", "variant": "src-d2"}
+    # The training's fields stay, its ratio with them; the source is named.
+    assert records.reference_ratio(new) == records.reference_ratio(source) == 2.0
+    assert (new["rescored_from"], new["rev"], new["mlflow_run_id"]) == ("src-s42", rev, None)
+    assert fetched == [(rescore.MODEL, rev), (rescore.TEST_SPLIT, rev)]
+    assert rescore.rescore(out, "src", "src-d2", diamond) == []  # recorded runs are skipped
+
+    # A model that does not score its record's accuracy is not the recorded one: no record.
+    atomic_write_json(records.runs_dir(out, "src") / "src-s43.json",
+                      {**source, "name": "src-s43",
+                       "test_accuracy_without_tta": source["test_accuracy_without_tta"] + 0.01})
+    with pytest.raises(ProjectError, match="src-s43: the model at aaaaaaaaaaaa scores"):
+        rescore.rescore(out, "src", "src-d2", diamond)
+    assert not (records.runs_dir(out, "src-d2") / "src-d2-s43.json").exists()
+    # Only the evaluate stage's keys, checked as in params.yaml; the source study stays.
+    with pytest.raises(ProjectError, match=r"evaluate\.\* keys only, got train.lr"):
+        rescore.rescore(out, "src", "src-lr", {"train.lr": 0.1})
+    with pytest.raises(ProjectError, match="'evaluate.tta_moves'"):
+        rescore.rescore(out, "src", "src-x", {"evaluate.tta_moves": "grid"})
+    with pytest.raises(ProjectError, match="must differ"):
+        rescore.rescore(out, "src", "src", diamond)
+    with pytest.raises(ProjectError, match="no records of study 'nothing'"):
+        rescore.rescore(out, "nothing", "src-d2", diamond)

@@ -227,6 +227,14 @@ def main(argv: list[str] | None = None) -> None:
                      help="the MLflow UI's address, for the link printed at the end")
     lst = sub.add_parser("commands", help="print the one-line command for each variant")
     lst.add_argument("--epochs", type=int)
+    res = sub.add_parser("rescore", help="score a finished study's models again with other "
+                         "evaluate.* settings (test-time views), without training: one new "
+                         "record per run, from its experiment commit and DVC's cache")
+    res.add_argument("--from", dest="source", required=True, help="the study whose runs")
+    res.add_argument("--study", required=True, help="the new study's id")
+    res.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="an evaluate.* override, e.g. evaluate.tta_moves=diamond")
+    res.add_argument("--out", default="reports/study")
     recipe = sub.add_parser("recipe", help="run a recipe as one named DVC experiment in the "
                             "workspace (`dvc exp run -n best -S ...`): "
                             f"{' or '.join(catalog.RECIPES)}")
@@ -241,6 +249,13 @@ def main(argv: list[str] | None = None) -> None:
             collect(args.study, Path(args.out))
         elif args.command == "publish":
             publish_records(args)
+        elif args.command == "rescore":
+            from fmnist_crnn.config import parse_overrides
+            from fmnist_crnn.study.rescore import rescore
+
+            out = Path(args.out)
+            rescore(out, args.source, args.study, parse_overrides(args.set))
+            comparison.compare(args.study, out)
         elif args.command == "compare":
             comparison.compare(args.study, Path(args.out))
         elif args.command == "recipe":
