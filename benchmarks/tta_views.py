@@ -7,13 +7,18 @@ models. It reads the validation split only, unless ``--split-name test`` is aske
 the views on validation, then look at test.
 
     PYTHONPATH=src python benchmarks/tta_views.py --model a/model.pt --model b/model.pt
+    PYTHONPATH=src python benchmarks/tta_views.py --exp NAME --exp NAME2 --out views.json
+
+``--exp``: an experiment's model (name or commit), from its commit through DVC's cache; its
+validation split must be the one in ``--split``.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,19 +27,30 @@ import torch
 from fmnist_crnn import data
 from fmnist_crnn.distributed import select_device
 from fmnist_crnn.environment import cpu_model
-from fmnist_crnn.evaluate import accuracy
+from fmnist_crnn.evaluate import accuracy, tta_views
 from fmnist_crnn.model import load_model
+from fmnist_crnn.study.rescore import MODEL, file_at_rev
 
-CROSS = [(0, 0), (-1, 0), (1, 0), (0, -1), (0, 1)]
-SQUARE = list(itertools.product((-1, 0, 1), repeat=2))
-# name -> (shifts, with mirrors)
+# name -> (mirrors, shift, moves) as the evaluate stage takes them (evaluate.tta_views)
 VIEW_SETS = {
-    "plain": ([(0, 0)], False),
-    "flip": ([(0, 0)], True),
-    "shift-cross": (CROSS, False),
-    "flip+shift-cross": (CROSS, True),
-    "flip+shift-square": (SQUARE, True),
+    "plain": (False, 0, "cross"),
+    "flip": (True, 0, "cross"),
+    "shift-cross": (False, 1, "cross"),
+    "flip+shift-cross": (True, 1, "cross"),
+    "flip+shift-square": (True, 1, "square"),
+    "flip+shift2-diamond": (True, 2, "diamond"),
 }
+
+
+def exp_commit(exp: str) -> str:
+    """The commit of a DVC experiment named ``exp`` (its ref refs/exps/../../NAME), or ``exp``
+    itself when it is one."""
+    found = subprocess.run(["git", "for-each-ref", "--format=%(objectname)",
+                            f"refs/exps/*/*/{exp}"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    if len(found) > 1:
+        raise SystemExit(f"experiment name {exp!r} is ambiguous: commits {', '.join(found)}")
+    return found[0] if found else exp
 
 
 @torch.no_grad()
@@ -54,7 +70,9 @@ def view_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int,
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", action="append", required=True, help="a trained model.pt")
+    parser.add_argument("--model", action="append", default=[], help="a trained model.pt")
+    parser.add_argument("--exp", action="append", default=[],
+                        help="a DVC experiment (name or commit) whose model to score")
     parser.add_argument("--split", default="data/split", help="the split stage's output")
     parser.add_argument("--split-name", default="val", choices=("val", "test"))
     parser.add_argument("--batch-size", type=int, default=500)
@@ -65,22 +83,27 @@ def main(argv: list[str] | None = None) -> dict:
     images, labels = data.load_split(Path(args.split), args.split_name)
     if not len(labels):
         raise SystemExit(f"{args.split}/{args.split_name}.pt is empty: nothing to score")
-    views = sorted({(dy, dx, flip) for shifts, mirrored in VIEW_SETS.values()
-                    for dy, dx in shifts for flip in ((False, True) if mirrored else (False,))})
+    views = sorted({view for hflip, shift, moves in VIEW_SETS.values()
+                    for view in tta_views(hflip, shift, moves)})
+    tmp = tempfile.TemporaryDirectory()
+    models = [(path, path) for path in args.model]  # (label, file)
+    for i, exp in enumerate(args.exp):
+        models.append((exp, file_at_rev(MODEL, exp_commit(exp), Path(tmp.name) / f"{i}.pt")))
+    if not models:
+        raise SystemExit("nothing to score: give --model or --exp")
     per_model = []
-    for path in args.model:
+    for label, path in models:
         started = time.perf_counter()
         logits = view_logits(load_model(path, device), images, 500, device, views)
         scores = {}
-        for name, (shifts, mirrored) in VIEW_SETS.items():
-            chosen = [(dy, dx, f) for dy, dx in shifts
-                      for f in ((False, True) if mirrored else (False,))]
+        for name, (hflip, shift, moves) in VIEW_SETS.items():
+            chosen = tta_views(hflip, shift, moves)
             mean = torch.stack([logits[v] for v in chosen]).mean(0)
             scores[name] = {"correct": round(accuracy(mean, labels) * len(labels)),
                             "accuracy": accuracy(mean, labels), "views": len(chosen)}
         seconds = time.perf_counter() - started
-        per_model.append({"model": path, "seconds": seconds, "scores": scores})
-        print(f"{path} ({seconds:.0f} s, {len(views)} views of {len(labels)} images)")
+        per_model.append({"model": label, "seconds": seconds, "scores": scores})
+        print(f"{label} ({seconds:.0f} s, {len(views)} views of {len(labels)} images)")
         for name, s in scores.items():
             print(f"  {name:>18}: {s['correct']} correct ({s['accuracy']:.4%}), "
                   f"{s['views']} views", flush=True)
@@ -90,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name, acc in means.items():
         print(f"  {name:>18}: {acc:.4%}")
     result = {"split": args.split_name, "images": len(labels), "cpu": cpu_model(),
-              "view_sets": {k: {"shifts": v[0], "mirrored": v[1]} for k, v in VIEW_SETS.items()},
+              "view_sets": {k: {"tta_hflip": v[0], "tta_shift": v[1], "tta_moves": v[2]}
+                            for k, v in VIEW_SETS.items()},
               "models": per_model, "mean_accuracy": means}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -699,7 +699,7 @@ def test_rescore_scores_the_recorded_model_again_and_keeps_the_training(raw_dir,
         to.write_bytes(files[path].read_bytes())
         return to
 
-    monkeypatch.setattr(rescore, "_at_rev", at_rev)
+    monkeypatch.setattr(rescore, "file_at_rev", at_rev)
     images, labels = data.load_split(tmp_path / "split", "test")
     cpu = torch.device("cpu")
     plain, ten = predict_logits_and_tta(model, images, 8, cpu, tta_hflip=True, tta_shift=1)

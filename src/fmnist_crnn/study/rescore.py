@@ -54,7 +54,7 @@ def evaluate_section(record: dict[str, Any], overrides: dict[str, Any]) -> Any:
     return section_from_dict("evaluate", raw)
 
 
-def _at_rev(path: str, rev: str, to: Path) -> Path:
+def file_at_rev(path: str, rev: str, to: Path) -> Path:
     """A DVC-tracked file as it was in commit ``rev`` (an experiment's), from the cache,
     copied to ``to``."""
     import dvc.api
@@ -82,8 +82,8 @@ def rescore_record(record: dict[str, Any], evaluate: Any, source: str, study: st
 
     rev, name = record["rev"], record["name"]
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(_at_rev(MODEL, rev, Path(tmp) / "model.pt"), device)
-        _at_rev(TEST_SPLIT, rev, Path(tmp) / "test.pt")
+        model = load_model(file_at_rev(MODEL, rev, Path(tmp) / "model.pt"), device)
+        file_at_rev(TEST_SPLIT, rev, Path(tmp) / "test.pt")
         images, labels = data.load_split(Path(tmp), "test")
     batch_size = (record["params"].get("train") or {}).get("batch_size", 128)
     plain, logits = predict_logits_and_tta(
