@@ -179,7 +179,8 @@ def publish_records(args: argparse.Namespace) -> None:
               + publish.curves_url(args.ui, experiment_id, ids))
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per job."""
     parser = argparse.ArgumentParser(prog="python -m fmnist_crnn.study", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -241,7 +242,21 @@ def main(argv: list[str] | None = None) -> None:
     recipe.add_argument("recipe", choices=list(catalog.RECIPES))
     recipe.add_argument("--seed", type=int, help="train.seed (default: params.yaml's)")
     recipe.add_argument("--name", help="experiment name (default: the recipe's)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def rescore_study(args: argparse.Namespace) -> None:
+    """`rescore`: the source study's models on other views, then the new study's table."""
+    from fmnist_crnn.config import parse_overrides
+    from fmnist_crnn.study.rescore import rescore
+
+    out = Path(args.out)
+    rescore(out, args.source, args.study, parse_overrides(args.set))
+    comparison.compare(args.study, out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "run":
             run_study(args)
@@ -250,12 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         elif args.command == "publish":
             publish_records(args)
         elif args.command == "rescore":
-            from fmnist_crnn.config import parse_overrides
-            from fmnist_crnn.study.rescore import rescore
-
-            out = Path(args.out)
-            rescore(out, args.source, args.study, parse_overrides(args.set))
-            comparison.compare(args.study, out)
+            rescore_study(args)
         elif args.command == "compare":
             comparison.compare(args.study, Path(args.out))
         elif args.command == "recipe":
