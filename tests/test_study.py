@@ -744,6 +744,11 @@ def test_rescore_scores_the_recorded_model_again_and_keeps_the_training(raw_dir,
     with pytest.raises(ProjectError, match="src-s43: the model at aaaaaaaaaaaa scores"):
         rescore.rescore(out, "src", "src-d2", diamond)
     assert not (records.runs_dir(out, "src-d2") / "src-d2-s43.json").exists()
+    (records.runs_dir(out, "src") / "src-s43.json").unlink()
+    atomic_write_json(records.runs_dir(out, "src") / "src-s44.json",
+                      {**source, "name": "src-s44", "rev": None})
+    with pytest.raises(ProjectError, match="src-s44: its record names no experiment commit"):
+        rescore.rescore(out, "src", "src-d2", diamond)
     # Only the evaluate stage's keys, checked as in params.yaml; the source study stays.
     with pytest.raises(ProjectError, match=r"evaluate\.\* keys only, got train.lr"):
         rescore.rescore(out, "src", "src-lr", {"train.lr": 0.1})

@@ -80,7 +80,10 @@ def rescore_record(record: dict[str, Any], evaluate: Any, source: str, study: st
     )
     from fmnist_crnn.model import load_model
 
-    rev, name = record["rev"], record["name"]
+    rev, name = record.get("rev"), record["name"]
+    if not rev:
+        raise ProjectError(f"{name}: its record names no experiment commit ('rev'), so its "
+                           "model cannot be found")
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(file_at_rev(MODEL, rev, Path(tmp) / "model.pt"), device)
         file_at_rev(TEST_SPLIT, rev, Path(tmp) / "test.pt")
