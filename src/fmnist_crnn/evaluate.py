@@ -67,6 +67,20 @@ def predict_logits_and_tta(model: torch.nn.Module, images: torch.Tensor, batch_s
     return torch.cat(plain), torch.cat(averaged)
 
 
+def test_metrics(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                 batch_size: int, device: torch.device, desc: str | None = None,
+                 tta_hflip: bool = False, tta_shift: int = 0, tta_moves: str = "cross",
+                 ) -> tuple[dict[str, Any], torch.Tensor]:
+    """``classification_metrics`` of the views' mean logits, plus ``accuracy_without_tta``
+    (the image alone, same pass) when there are several views; and those logits."""
+    plain, logits = predict_logits_and_tta(model, images, batch_size, device, desc,
+                                           tta_hflip, tta_shift, tta_moves)
+    metrics = classification_metrics(logits, labels)
+    if len(tta_views(tta_hflip, tta_shift, tta_moves)) > 1:
+        metrics["accuracy_without_tta"] = accuracy(plain, labels)
+    return metrics, logits
+
+
 def _view(x: torch.Tensor, dy: int, dx: int, mirrored: bool) -> torch.Tensor:
     x = data.shift(x, dy, dx)
     return x.flip(-1) if mirrored else x

@@ -12,13 +12,7 @@ import torch
 
 from fmnist_crnn import data, tracking
 from fmnist_crnn.distributed import select_device
-from fmnist_crnn.evaluate import (
-    accuracy,
-    classification_metrics,
-    confusion,
-    predict_logits_and_tta,
-    tta_views,
-)
+from fmnist_crnn.evaluate import confusion, test_metrics
 from fmnist_crnn.files import atomic_write_json, atomic_write_text
 from fmnist_crnn.model import CRNN, load_model, shape_table
 from fmnist_crnn.views import ReportViews, save_views, trace
@@ -55,11 +49,8 @@ def run_evaluation(
     device = select_device(device_name)
     model = load_model(model_path, device)
     images, labels = data.load_split(split_dir, "test")
-    plain, logits = predict_logits_and_tta(model, images, batch_size, device, "Inference",
-                                           tta_hflip, tta_shift, tta_moves)
-    metrics = classification_metrics(logits, labels)
-    if len(tta_views(tta_hflip, tta_shift, tta_moves)) > 1:
-        metrics["accuracy_without_tta"] = accuracy(plain, labels)
+    metrics, logits = test_metrics(model, images, labels, batch_size, device, "Inference",
+                                   tta_hflip, tta_shift, tta_moves)
     print(f"Accuracy: {metrics['accuracy']:.2%} / Loss: {metrics['loss']:.4f}")
     cm = confusion(logits, labels)
 

@@ -72,12 +72,7 @@ def file_at_rev(path: str, rev: str, to: Path) -> Path:
 def rescore_record(record: dict[str, Any], evaluate: Any, source: str, study: str,
                    device: Any) -> dict[str, Any]:
     """The new record of one run: its model scored with the ``evaluate`` section."""
-    from fmnist_crnn.evaluate import (
-        accuracy,
-        classification_metrics,
-        predict_logits_and_tta,
-        tta_views,
-    )
+    from fmnist_crnn.evaluate import test_metrics
     from fmnist_crnn.model import load_model
 
     rev, name = record.get("rev"), record["name"]
@@ -89,15 +84,13 @@ def rescore_record(record: dict[str, Any], evaluate: Any, source: str, study: st
         file_at_rev(TEST_SPLIT, rev, Path(tmp) / "test.pt")
         images, labels = data.load_split(Path(tmp), "test")
     batch_size = (record["params"].get("train") or {}).get("batch_size", 128)
-    plain, logits = predict_logits_and_tta(
-        model, images, batch_size, device, f"Rescoring {name}", evaluate.tta_hflip,
-        evaluate.tta_shift, evaluate.tta_moves)
-    alone = accuracy(plain, labels)
+    metrics, _ = test_metrics(model, images, labels, batch_size, device, f"Rescoring {name}",
+                              evaluate.tta_hflip, evaluate.tta_shift, evaluate.tta_moves)
+    alone = metrics.get("accuracy_without_tta", metrics["accuracy"])
     recorded = record.get("test_accuracy_without_tta")
     if recorded is not None and round(alone, 4) != round(recorded, 4):
         raise ProjectError(f"{name}: the model at {rev[:12]} scores {alone:.4f} on the image "
                            f"alone, its record {recorded:.4f}: not the recorded model")
-    metrics = classification_metrics(logits, labels)
     variant = study if record.get("variant") == source else record.get("variant")
     params = {**record["params"], "evaluate": dataclasses.asdict(evaluate),
               "tracking": {**(record["params"].get("tracking") or {}),
@@ -106,8 +99,7 @@ def rescore_record(record: dict[str, Any], evaluate: Any, source: str, study: st
         **record,
         "name": rescored_name(name, source, study), "study": study, "variant": variant,
         "params": params, "test_accuracy": metrics["accuracy"],
-        "test_accuracy_without_tta": alone if len(tta_views(
-            evaluate.tta_hflip, evaluate.tta_shift, evaluate.tta_moves)) > 1 else None,
+        "test_accuracy_without_tta": metrics.get("accuracy_without_tta"),
         "test_loss": metrics["loss"], "test_macro_f1": metrics["macro_f1"],
         "rescored_from": name, "mlflow_run_id": None,
         "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
