@@ -39,6 +39,8 @@ VIEW_SETS = {
     "flip+shift-cross": (True, 1, "cross"),
     "flip+shift-square": (True, 1, "square"),
     "flip+shift2-diamond": (True, 2, "diamond"),
+    "flip+shift2-square": (True, 2, "square"),
+    "flip+shift3-diamond": (True, 3, "diamond"),
 }
 
 

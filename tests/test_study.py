@@ -163,6 +163,8 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         **study.RECIPES["best-nodrop-cm5-e0-52ep"], "train.lr": 0.002}
     assert study.RECIPES["best-nodrop-cm5-e0-wd10-52ep"] == {
         **study.RECIPES["best-nodrop-cm5-e0-52ep"], "train.weight_decay": 0.1}
+    assert study.RECIPES["best-nodrop-cm5-e0-cp1-52ep"] == {
+        **study.RECIPES["best-nodrop-cm5-e0-52ep"], "augment.crop_padding": 1}
     deeper = study.RECIPES["best-nodrop-d6-22ep"]
     assert deeper == {**study.RECIPES["best-nodrop-22ep"], **{
         key: deeper[key] for key in ("model.channels", "model.kernel_sizes", "model.strides",
