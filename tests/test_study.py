@@ -213,6 +213,9 @@ def test_the_no_dropout_recipes_are_the_full_training_set_recipe_without_dropout
         "evaluate.tta_moves": "diamond"}
     assert study.RECIPES["best-60k-nodrop-cm5-e0-cp1-52ep-tta26"] == {
         **study.RECIPES["best-60k-nodrop-cm5-e0-52ep-tta26"], "augment.crop_padding": 1}
+    assert study.RECIPES["best-60k-nodrop-cm5-e0-cp1-52ep-sq18"] == {
+        **study.RECIPES["best-60k-nodrop-cm5-e0-cp1-52ep-tta26"], "evaluate.tta_shift": 1,
+        "evaluate.tta_moves": "square"}
 
 
 def test_the_recipe_is_the_ladder_in_bfloat16_on_60_epochs_scored_on_ten_views():
